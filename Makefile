@@ -1,0 +1,23 @@
+# The two commands of README: `make demo` (the main job) and `make test` (the suite).
+# Both create the virtual environment from nothing when it is absent.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?=
+PIP_FLAGS = -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -U pip
+	$(VENV)/bin/python -m pip install $(PIP_FLAGS) -e ".[test,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m benchmarks.quality --preset demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv .venv312 .pytest_cache

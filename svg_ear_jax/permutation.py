@@ -1,0 +1,54 @@
+"""Cluster-contiguous token order: permutation, sizes, offsets and the inverse (ALGORITHM 2(b))."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClusterLayout:
+  """Where each cluster's tokens sit once sorted by label.
+
+  Attributes:
+    perm: [G, S] int32; permuted row s holds token perm[s] (stable argsort of the labels).
+    sizes: [G, K] int32 tokens per cluster.
+    offsets: [G, K] int32 first permuted row of each cluster (exclusive cumsum of sizes).
+  """
+
+  perm: jax.Array
+  sizes: jax.Array
+  offsets: jax.Array
+
+
+def cluster_layout(labels: jax.Array, sizes: jax.Array) -> ClusterLayout:
+  """Layout of labels [G, S] with cluster sizes [G, K]: cluster c occupies
+  [offsets[c], offsets[c] + sizes[c]) of the permuted order."""
+  perm = jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+  sizes = sizes.astype(jnp.int32)
+  return ClusterLayout(perm=perm, sizes=sizes, offsets=jnp.cumsum(sizes, axis=-1) - sizes)
+
+
+def permute(x: jax.Array, perm: jax.Array) -> jax.Array:
+  """Gathers rows: out[g, s] = x[g, perm[g, s]] for x [G, S, ...]."""
+  idx = perm.reshape(perm.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """inv [G, S] int32 with inv[g, perm[g, s]] = s."""
+  rows = jnp.arange(perm.shape[-1], dtype=jnp.int32)
+  return jax.vmap(lambda p: jnp.zeros_like(p).at[p].set(rows))(perm)
+
+
+def unpermute(x_perm: jax.Array, perm: jax.Array) -> jax.Array:
+  """Inverse of `permute`: out[g, perm[g, s]] = x_perm[g, s]."""
+  return permute(x_perm, inverse_permutation(perm))
+
+
+def labels_of_rows(sizes: jax.Array, num_rows: int) -> jax.Array:
+  """Cluster id of every permuted row: [G, S] int32 from sizes [G, K]."""
+  ends = jnp.cumsum(sizes, axis=-1)
+  rows = jnp.arange(num_rows, dtype=ends.dtype)
+  return jax.vmap(lambda e: jnp.searchsorted(e, rows, side="right"))(ends).astype(jnp.int32)

@@ -1,0 +1,170 @@
+"""Which (query cluster, key cluster) blocks are computed exactly.
+
+All functions work on cluster-level arrays with G = B * H independent problems:
+logits [G, Kq, Kk], sizes [G, Kq] / [G, Kk]; they return a bool block map [G, Kq, Kk]
+(True = exact). ALGORITHM.md 2(c) (SVG2 top-p) and 2(e) (error-aware routing).
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from svg_ear_jax.config import SvgEarConfig
+
+_EPS = 1e-8  # the reference's clamp of errors and areas, and its size prior offset
+
+
+def centroid_logits(q_centroids: jax.Array, k_centroids: jax.Array, scale: float) -> jax.Array:
+  """c_ij = q_i . k_j * scale in float32: [G, Kq, D] x [G, Kk, D] -> [G, Kq, Kk]."""
+  return jnp.einsum("gqd,gkd->gqk", q_centroids.astype(jnp.float32),
+                    k_centroids.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
+
+
+def _descending(x: jax.Array) -> jax.Array:
+  return jnp.argsort(-x, axis=-1, stable=True)
+
+
+def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+  return jnp.put_along_axis(jnp.zeros_like(sorted_values), order, sorted_values, axis=-1,
+                            inplace=False)
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+  c = jnp.cumsum(x, axis=-1)
+  return jnp.concatenate([jnp.zeros_like(c[..., :1]), c[..., :-1]], axis=-1)
+
+
+def top_p_in_order(probs_sorted: jax.Array, top_p: float, floor: int) -> jax.Array:
+  """Keep flags of descending-sorted probabilities: position k is kept when the mass before
+  it is <= top_p (so the cluster that crosses top_p is kept, and always the first), or
+  when k < floor."""
+  if top_p >= 1.0:  # everything; a rounded cumsum could otherwise exceed 1 and drop the tail
+    return jnp.ones(probs_sorted.shape, bool)
+  prev = _exclusive_cumsum(probs_sorted)
+  rank = jnp.arange(probs_sorted.shape[-1])
+  return (prev <= top_p) | (rank < floor)
+
+
+def top_k_mask(priority: jax.Array, count: int) -> jax.Array:
+  """True at the `count` largest entries of every row (stable on ties)."""
+  order = _descending(priority)
+  rank_kept = jnp.broadcast_to(jnp.arange(priority.shape[-1]) < count, priority.shape)
+  return _unsort(rank_kept, order)
+
+
+def greedy_fill(score: jax.Array, cost: jax.Array, budget: jax.Array,
+                forced: jax.Array) -> jax.Array:
+  """Forced blocks, plus the others by descending score while the cost spent *before* a
+  block is below `budget` (the last block may overshoot, as in the reference).
+
+  Args:
+    score: [G, Kq, Kk] priority of every block.
+    cost: [G, Kq, Kk] area of every block.
+    budget: [G, Kq] area to spend on the non-forced blocks.
+    forced: [G, Kq, Kk] bool, always kept; ranked last so they never take budget.
+  """
+  score = jnp.where(forced, -jnp.inf, score)
+  order = _descending(score)
+  prev = _exclusive_cumsum(jnp.take_along_axis(cost, order, axis=-1))
+  return forced | _unsort(prev < budget[..., None], order)
+
+
+def size_weighted_probs(logits: jax.Array, k_sizes: jax.Array, offset: float = 0.0) -> jax.Array:
+  """softmax_j(c_ij + log(n_j + offset)): centroid attention with cluster-size multiplicity."""
+  log_n = jnp.log(k_sizes.astype(jnp.float32) + offset)
+  return jax.nn.softmax(logits + log_n[:, None, :], axis=-1)
+
+
+def block_area(q_sizes: jax.Array, k_sizes: jax.Array) -> jax.Array:
+  """|Q_i| * n_j as float32: [G, Kq, Kk]."""
+  return q_sizes.astype(jnp.float32)[:, :, None] * k_sizes.astype(jnp.float32)[:, None, :]
+
+
+def fixed_budget(density: float, q_sizes: jax.Array, k_sizes: jax.Array) -> jax.Array:
+  """Fixed-density budget: density * |Q_i| * S per query cluster, [G, Kq] float32.
+
+  density = 1 is an unlimited budget, so that float32 rounding of the area sums can never
+  leave a block out of "everything".
+  """
+  if density >= 1.0:
+    return jnp.full(q_sizes.shape, jnp.inf, jnp.float32)
+  num_keys = jnp.sum(k_sizes, axis=-1, keepdims=True).astype(jnp.float32)
+  return density * q_sizes.astype(jnp.float32) * num_keys
+
+
+def topp_route(logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
+               cfg: SvgEarConfig) -> jax.Array:
+  """SVG2 selection by centroid attention mass (ALGORITHM 2(c)).
+
+  With `cfg.density=None`: the top-p set of softmax_j(c_ij + log n_j) plus the first
+  `cfg.num_budget_floor` clusters. With a fixed density: the `cfg.num_guaranteed` (at least
+  one) most probable clusters, then more by probability while the area budget lasts.
+  """
+  probs = size_weighted_probs(logits, k_sizes)
+  if cfg.density is None:
+    order = _descending(probs)
+    keep = top_p_in_order(jnp.take_along_axis(probs, order, axis=-1), cfg.top_p,
+                          cfg.num_budget_floor)
+    return _unsort(keep, order)
+  area = block_area(q_sizes, k_sizes)
+  forced = top_k_mask(probs, max(1, cfg.num_guaranteed))
+  budget = fixed_budget(cfg.density, q_sizes, k_sizes)
+  remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, area, 0.0), axis=-1), 0.0)
+  return greedy_fill(probs, area, remaining, forced)
+
+
+def ear_scores(log_err: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
+               gamma: float) -> jax.Array:
+  """Error-to-area score log(max(E, 1e-8)) - gamma * log(max(area, 1e-8)), [G, Kq, Kk].
+
+  `log_err` is log E_ij in absolute natural-log units (-inf for E = 0). The reference
+  exponentiates first, which overflows float32 once a logit exceeds ~44; in the log domain
+  the result is the same wherever the reference is finite.
+  """
+  log_area = jnp.log(jnp.maximum(block_area(q_sizes, k_sizes), _EPS))
+  return jnp.maximum(log_err, jnp.log(_EPS)) - gamma * log_area
+
+
+def ear_route(logits: jax.Array, log_err: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
+              cfg: SvgEarConfig) -> jax.Array:
+  """Error-aware routing (ALGORITHM 2(e)).
+
+  Budget per query cluster: the area of the SVG2 top-p set of softmax(c + log(n + 1e-8))
+  with a floor of `cfg.num_budget_floor` clusters (or the fixed-density budget). The
+  `cfg.num_guaranteed` most probable clusters are always exact; the remaining budget goes
+  to the other clusters in order of error-to-area score, greedily.
+  """
+  area = block_area(q_sizes, k_sizes)
+  probs = size_weighted_probs(logits, k_sizes, offset=_EPS)
+  if cfg.density is None:
+    order = _descending(probs)
+    keep = top_p_in_order(jnp.take_along_axis(probs, order, axis=-1), cfg.top_p,
+                          cfg.num_budget_floor)
+    budget = jnp.sum(jnp.where(keep, jnp.take_along_axis(area, order, axis=-1), 0.0), axis=-1)
+    budget = jnp.where(jnp.all(keep, axis=-1), jnp.inf, budget)  # the whole row, exactly
+  else:
+    budget = fixed_budget(cfg.density, q_sizes, k_sizes)
+  forced = top_k_mask(probs, cfg.num_guaranteed)
+  remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, area, 0.0), axis=-1), 0.0)
+  return greedy_fill(ear_scores(log_err, q_sizes, k_sizes, cfg.gamma), area, remaining, forced)
+
+
+def route(cfg: SvgEarConfig, logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
+          log_err: Optional[jax.Array] = None) -> jax.Array:
+  """Block map [G, Kq, Kk] bool for `cfg.routing` ("ear" needs `log_err`)."""
+  if cfg.routing == "dense":
+    return jnp.ones(logits.shape, bool)
+  if cfg.routing == "topp":
+    return topp_route(logits, q_sizes, k_sizes, cfg)
+  if log_err is None:
+    raise ValueError("routing='ear' needs the error estimate log_err")
+  return ear_route(logits, log_err, q_sizes, k_sizes, cfg)
+
+
+def block_density(block_map: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array) -> jax.Array:
+  """Fraction of the query x key area computed exactly: [G] float32."""
+  area = block_area(q_sizes, k_sizes)
+  total = jnp.sum(q_sizes, -1).astype(jnp.float32) * jnp.sum(k_sizes, -1).astype(jnp.float32)
+  return jnp.sum(jnp.where(block_map, area, 0.0), axis=(1, 2)) / total

@@ -1,0 +1,262 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as npr
+from svg_ear_jax import (SvgEarConfig, SvgEarState, dense_attention, dense_attention_reference,
+                         svg_ear_attention)
+from svg_ear_jax import reference, sparse_attention
+
+SMALL = dict(num_q_clusters=8, num_k_clusters=16, kmeans_iters=8)
+
+
+def _qkv(seed, b=1, s=256, h=2, d=32, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return tuple(jax.random.normal(k, (b, s, h, d), jnp.float32).astype(dtype) for k in ks)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _stage_problem(seed, g=2, s=200, d=16, kq=5, kk=9, identical=False):
+  """Stage-level inputs with hand-made labels: empty and singleton clusters included."""
+  rng = np.random.default_rng(seed)
+  q_labels = rng.integers(0, kq, size=(g, s))
+  k_labels = rng.integers(0, kk - 2, size=(g, s))
+  k_labels[:, 0] = kk - 2  # a singleton cluster; cluster kk-1 stays empty
+  k_labels[:, 1:][k_labels[:, 1:] == kk - 2] = 0
+  q = rng.normal(size=(g, s, d))
+  kc = rng.normal(size=(g, kk, d))
+  vc = rng.normal(size=(g, kk, d))
+  if identical:
+    k = np.take_along_axis(kc, k_labels[..., None], 1)
+    v = np.take_along_axis(vc, k_labels[..., None], 1)
+  else:
+    k = np.take_along_axis(kc, k_labels[..., None], 1) + 0.5 * rng.normal(size=(g, s, d))
+    v = rng.normal(size=(g, s, d))
+  k_sizes = np.stack([np.bincount(l, minlength=kk) for l in k_labels])
+  for h in range(g):
+    for j in range(kk):
+      if k_sizes[h, j]:
+        kc[h, j] = k[h][k_labels[h] == j].mean(0)
+        vc[h, j] = v[h][k_labels[h] == j].mean(0)
+      else:
+        vc[h, j] = 0.0
+  block_map = rng.random((g, kq, kk)) < 0.4
+  block_map[:, 0, :] = False
+  block_map[:, 0, 3] = True  # a row with a single exact cluster
+  return dict(q=q, k=k, v=v, q_labels=q_labels, k_labels=k_labels, block_map=block_map, kc=kc,
+              vc=vc, k_sizes=k_sizes, scale=d ** -0.5)
+
+
+def _stage_args(p, dtype=jnp.float32):
+  f = lambda x: jnp.asarray(x, dtype)
+  i = lambda x: jnp.asarray(x, jnp.int32)
+  return (f(p["q"]), f(p["k"]), f(p["v"]), i(p["q_labels"]), i(p["k_labels"]),
+          jnp.asarray(p["block_map"]), jnp.asarray(p["kc"], jnp.float32),
+          jnp.asarray(p["vc"], jnp.float32), i(p["k_sizes"]))
+
+
+# ----------------------------------------------------------------------------- stage level
+
+@pytest.mark.parametrize("compensation", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compensated_attention_matches_numpy(seed, compensation):
+  p = _stage_problem(seed)
+  args = _stage_args(p)
+  xla = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=compensation)
+  ref = reference.sparse_attention_reference(*args, scale=p["scale"], compensation=compensation)
+  for h in range(2):
+    want = npr.compensated_attention(p["q"][h], p["k"][h], p["v"][h], p["q_labels"][h],
+                                     p["k_labels"][h], p["block_map"][h], p["kc"][h],
+                                     p["vc"][h], p["k_sizes"][h], p["scale"], compensation)
+    np.testing.assert_allclose(xla[h], want, atol=2e-5)
+    np.testing.assert_allclose(ref[h], want, atol=2e-5)
+
+
+def test_compensation_is_exact_for_identical_cluster_members():
+  p = _stage_problem(2, identical=True)
+  args = _stage_args(p)
+  out = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=True)
+  q, k, v = (jnp.asarray(p[n], jnp.float32) for n in "qkv")
+  dense = jax.nn.softmax(jnp.einsum("gqd,gkd->gqk", q, k, precision="highest") * p["scale"], -1)
+  dense = jnp.einsum("gqk,gkd->gqd", dense, v, precision="highest")
+  np.testing.assert_allclose(out, dense, atol=1e-5)
+  without = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=False)
+  assert _rel(without, dense) > 1e-2  # dropping the skipped blocks is not exact
+
+
+def test_rows_with_nothing_to_attend_are_zero():
+  p = _stage_problem(3)
+  p["block_map"][:, 1, :] = False
+  args = _stage_args(p)
+  out = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=False)
+  rows = p["q_labels"] == 1
+  assert np.all(np.asarray(out)[rows] == 0) and np.all(np.isfinite(out))
+
+
+def test_attention_chunking_is_invisible():
+  p = _stage_problem(4, s=333)
+  args = _stage_args(p)
+  a = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=True,
+                                            chunk_mb=0)
+  b = sparse_attention.sparse_attention_xla(*args, scale=p["scale"], compensation=True,
+                                            chunk_mb=4096)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- public API
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_dense_routing_equals_dense(impl):
+  q, k, v = _qkv(0)
+  out, aux = svg_ear_attention(q, k, v, SvgEarConfig(routing="dense", implementation=impl),
+                               return_aux=True)
+  assert _rel(out, dense_attention_reference(q, k, v)) < 1e-4
+  assert aux.state is None and aux.density.shape == (1, 2) and bool(jnp.all(aux.density == 1))
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("changes", [dict(routing="topp", top_p=1.0),
+                                     dict(routing="ear", top_p=1.0),
+                                     dict(routing="ear", density=1.0),
+                                     dict(routing="topp", density=1.0, compensation=False)])
+def test_full_budget_equals_dense(impl, changes):
+  q, k, v = _qkv(1, s=300)
+  cfg = SvgEarConfig(implementation=impl, **SMALL, **changes)
+  out, aux = svg_ear_attention(q, k, v, cfg, return_aux=True)
+  assert _rel(out, dense_attention_reference(q, k, v)) < 1e-4
+  np.testing.assert_allclose(aux.density, 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("s", [1000, 777])
+@pytest.mark.parametrize("routing_name", ["ear", "topp"])
+def test_xla_equals_reference(s, routing_name):
+  q, k, v = _qkv(2, b=2, s=s, h=2, d=16)
+  cfg = SvgEarConfig(routing=routing_name, num_q_clusters=20, num_k_clusters=60, kmeans_iters=6,
+                     top_p=0.7)
+  out_x, aux_x = svg_ear_attention(q, k, v, cfg.replace(implementation="xla"), return_aux=True)
+  out_r, aux_r = svg_ear_attention(q, k, v, cfg.replace(implementation="reference"),
+                                   return_aux=True)
+  np.testing.assert_allclose(out_x, out_r, atol=2e-5)
+  np.testing.assert_allclose(aux_x.density, aux_r.density, rtol=1e-6)
+  assert float(aux_x.density.max()) < 0.95
+
+
+def test_jit_batch_and_warm_state():
+  q, k, v = _qkv(3, b=2, s=256)
+  cfg = SvgEarConfig(**SMALL)
+  fn = jax.jit(functools.partial(svg_ear_attention, cfg=cfg, return_aux=True))
+  out, aux = fn(q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert aux.state.q_centroids.shape == (2, 2, 8, 32)
+  assert aux.state.k_centroids.shape == (2, 2, 16, 32)
+  assert aux.density.shape == (2, 2)
+  out2, aux2 = fn(q, k, v, state=aux.state)
+  # 8 cold iterations then 2 warm ones are 10 Lloyd iterations from the same start
+  out10, aux10 = svg_ear_attention(q, k, v, cfg.replace(kmeans_iters=10), return_aux=True)
+  np.testing.assert_allclose(aux2.state.k_centroids, aux10.state.k_centroids, atol=1e-5)
+  np.testing.assert_allclose(aux2.state.q_centroids, aux10.state.q_centroids, atol=1e-5)
+  np.testing.assert_allclose(out2, out10, atol=1e-5)
+  # batch elements are independent: the second batch row alone gives the same result
+  one = svg_ear_attention(q[1:], k[1:], v[1:], cfg, state=SvgEarState(
+      aux.state.q_centroids[1:], aux.state.k_centroids[1:]))
+  np.testing.assert_allclose(one, out2[1:], atol=1e-5)
+
+
+def test_bf16_inputs():
+  q, k, v = _qkv(4, s=320, dtype=jnp.bfloat16)
+  cfg = SvgEarConfig(**SMALL, density=1.0)
+  out = jax.jit(svg_ear_attention, static_argnums=3)(q, k, v, cfg)
+  assert out.dtype == jnp.bfloat16
+  assert _rel(out.astype(jnp.float32), dense_attention_reference(q, k, v)) < 1e-2
+
+
+def test_dense_attention_wrapper():
+  q, k, v = _qkv(5, b=2, s=64)
+  assert _rel(dense_attention(q, k, v), dense_attention_reference(q, k, v)) < 1e-5
+
+
+def test_sparse_output_is_a_reasonable_approximation():
+  # plain random data: the sparse result must still be far closer to dense than 0
+  q, k, v = _qkv(6, s=512)
+  cfg = SvgEarConfig(num_q_clusters=16, num_k_clusters=32, kmeans_iters=10)
+  out, aux = svg_ear_attention(q, k, v, cfg, return_aux=True)
+  assert float(aux.density.mean()) < 0.98
+  assert _rel(out, dense_attention_reference(q, k, v)) < 0.5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q: (q[0], q, q), ValueError, "must be \\[B, S, H, D\\]"),
+    (lambda q: (q, q[:, :50], q), ValueError, "same shape"),
+    (lambda q: (q, q, q.astype(jnp.bfloat16)), TypeError, "one dtype"),
+    (lambda q: ((q * 4).astype(jnp.int32),) * 3, TypeError, "floating"),
+    (lambda q: (q[:, :10], q[:, :10], q[:, :10]), ValueError, "smaller than cfg.num_k_clusters"),
+    (lambda q: (jnp.zeros((1, 64, 1, 300)),) * 3, ValueError, "head dim"),
+    (lambda q: (np.asarray(q).tolist(), q, q), TypeError, "must be an array"),
+])
+def test_bad_inputs_raise(make, exc, match):
+  q, _, _ = _qkv(7, s=64)
+  with pytest.raises(exc, match=match):
+    svg_ear_attention(*make(q), SvgEarConfig(**SMALL))
+
+
+def test_bad_state_raises():
+  q, k, v = _qkv(8, s=64)
+  cfg = SvgEarConfig(**SMALL)
+  good = SvgEarState(jnp.zeros((1, 2, 8, 32)), jnp.zeros((1, 2, 16, 32)))
+  svg_ear_attention(q, k, v, cfg, state=good)
+  with pytest.raises(ValueError, match="state.k_centroids"):
+    svg_ear_attention(q, k, v, cfg, state=SvgEarState(good.q_centroids, jnp.zeros((1, 2, 9, 32))))
+  with pytest.raises(ValueError, match="state.q_centroids"):
+    svg_ear_attention(q, k, v, cfg, state=SvgEarState(jnp.zeros((2, 2, 8, 32)), good.k_centroids))
+  with pytest.raises(TypeError, match="SvgEarState"):
+    svg_ear_attention(q, k, v, cfg, state=(good.q_centroids, good.k_centroids))
+  with pytest.raises(TypeError, match="SvgEarConfig"):
+    svg_ear_attention(q, k, v, dict(routing="ear"))
+
+
+def test_inside_flax_nnx_module():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Centroids(nnx.Variable):
+    pass
+
+  class SparseSelfAttention(nnx.Module):
+    def __init__(self, cfg, b, h, d):
+      self.cfg = cfg
+      self.q_c = Centroids(jnp.zeros((b, h, cfg.num_q_clusters, d)))
+      self.k_c = Centroids(jnp.zeros((b, h, cfg.num_k_clusters, d)))
+      self.calls = Centroids(jnp.zeros((), jnp.int32))
+
+    def __call__(self, q, k, v):
+      warm = SvgEarState(self.q_c[...], self.k_c[...])
+      out_w, aux_w = svg_ear_attention(q, k, v, self.cfg.replace(kmeans_iters=1), state=warm,
+                                       return_aux=True)
+      out_c, aux_c = svg_ear_attention(q, k, v, self.cfg, return_aux=True)
+      first = self.calls[...] == 0
+      pick = lambda c, w: jnp.where(first, c, w)
+      self.q_c[...] = pick(aux_c.state.q_centroids, aux_w.state.q_centroids)
+      self.k_c[...] = pick(aux_c.state.k_centroids, aux_w.state.k_centroids)
+      self.calls[...] = self.calls[...] + 1
+      return pick(out_c, out_w)
+
+  q, k, v = _qkv(9, s=128)
+  mod = SparseSelfAttention(SvgEarConfig(**SMALL), 1, 2, 32)
+
+  @nnx.jit
+  def step(m, q, k, v):
+    return m(q, k, v)
+
+  out1 = step(mod, q, k, v)
+  c1 = np.asarray(mod.k_c[...])
+  out2 = step(mod, q, k, v)
+  assert int(mod.calls[...]) == 2 and np.abs(c1).sum() > 0
+  assert _rel(out2, out1) < 0.05
