@@ -10,7 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from svg_ear_jax import dense, error_probe, kmeans, reference, routing, sparse_attention
+from svg_ear_jax import dense, pipeline, reference, routing
 from svg_ear_jax.config import SvgEarConfig
 from svg_ear_jax.state import SvgEarAux, SvgEarState
 
@@ -85,6 +85,7 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
   """
   _check_inputs(q, k, v, cfg, state)
   b, s, h, d = q.shape
+  q_dtype = q.dtype
   impl = resolve_implementation(cfg)
 
   if cfg.routing == "dense":
@@ -98,45 +99,19 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
   if impl == "reference":
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
-  scale = d ** -0.5
   kq_n, kk_n = cfg.num_q_clusters, cfg.num_k_clusters
-
-  if state is None:
-    key = jax.random.PRNGKey(cfg.seed)
-    q_init = kmeans.init_centroids(qg, kq_n, jax.random.fold_in(key, 0))
-    k_init = kmeans.init_centroids(kg, kk_n, jax.random.fold_in(key, 1))
-    iters = cfg.kmeans_iters
-  else:
-    q_init = state.q_centroids.reshape(b * h, kq_n, d)
-    k_init = state.k_centroids.reshape(b * h, kk_n, d)
-    iters = cfg.kmeans_iters_warm
-  km = dict(max_iters=iters, tol=cfg.kmeans_tol, chunk_mb=cfg.xla_chunk_mb)
-  qk = kmeans.kmeans(qg, q_init, **km)
-  kk = kmeans.kmeans(kg, k_init, **km)
-  v_centroids, _ = kmeans.cluster_means(vg, kk.labels, kk_n)
-
-  logits = routing.centroid_logits(qk.centroids, kk.centroids, scale)
-  log_err = None
-  if cfg.routing == "ear":
-    log_err = error_probe.error_probe_xla(qk.centroids, kg, vg, kk.labels, kk.sizes,
-                                          v_centroids, logits, scale=scale,
-                                          chunk_mb=cfg.xla_chunk_mb)
-  block_map = routing.route(cfg, logits, qk.sizes, kk.sizes, log_err)
-
-  args = (qg, kg, vg, qk.labels, kk.labels, block_map, kk.centroids, v_centroids, kk.sizes)
-  if impl == "reference":
-    out = reference.sparse_attention_reference(*args, scale=scale,
-                                               compensation=cfg.compensation)
-  elif impl == "xla":
-    out = sparse_attention.sparse_attention_xla(*args, scale=scale, compensation=cfg.compensation,
-                                                chunk_mb=cfg.xla_chunk_mb)
-  else:
-    raise NotImplementedError("implementation='pallas' is not available yet")
-  out = _tokens_first(out.astype(q.dtype), b, h)
+  warm = {}
+  if state is not None:
+    warm = dict(q_init=state.q_centroids.reshape(b * h, kq_n, d),
+                k_init=state.k_centroids.reshape(b * h, kk_n, d))
+  clusters = pipeline.cluster(qg, kg, vg, cfg, impl, **warm)
+  block_map = pipeline.route(qg, kg, vg, clusters, cfg, impl)
+  out = pipeline.attend(qg, kg, vg, clusters, block_map, cfg, impl)
+  out = _tokens_first(out, b, h).astype(q_dtype)
 
   if not return_aux:
     return out
-  new_state = SvgEarState(q_centroids=qk.centroids.reshape(b, h, kq_n, d),
-                          k_centroids=kk.centroids.reshape(b, h, kk_n, d))
-  density = routing.block_density(block_map, qk.sizes, kk.sizes).reshape(b, h)
+  new_state = SvgEarState(q_centroids=clusters.q.centroids.reshape(b, h, kq_n, d),
+                          k_centroids=clusters.k.centroids.reshape(b, h, kk_n, d))
+  density = routing.block_density(block_map, clusters.q.sizes, clusters.k.sizes).reshape(b, h)
   return out, SvgEarAux(state=new_state, density=density)

@@ -1,0 +1,124 @@
+"""The stages of one SVG-EAR call on head-major arrays [G, S, D] (G = B * H).
+
+cluster -> route -> attend, each a pure function of arrays and the static config, so that
+benchmarks can time them one by one and a sharded caller can run them per head group.
+`impl` picks the backend of the heavy parts: "xla" (any device), "reference" (float32
+oracle) or "pallas" (GPU kernels; run in interpret mode off GPU, for tests).
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from svg_ear_jax import error_probe, kmeans, permutation, reference, routing, sparse_attention
+from svg_ear_jax.config import SvgEarConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Clusters:
+  """Both clusterings of one call and the values' cluster means.
+
+  Attributes:
+    q: KMeansResult of the queries (Kq clusters).
+    k: KMeansResult of the keys (Kk clusters).
+    v_centroids: [G, Kk, D] float32 mean value of each key cluster (0 when empty).
+  """
+
+  q: kmeans.KMeansResult
+  k: kmeans.KMeansResult
+  v_centroids: jax.Array
+
+
+def _pallas():
+  try:
+    import pallas_kernels
+  except ImportError as e:  # pragma: no cover - the package ships with svg_ear_jax
+    raise NotImplementedError(f"implementation='pallas' needs pallas_kernels: {e}") from e
+  return pallas_kernels
+
+
+def _interpret() -> bool:
+  return jax.default_backend() != "gpu"
+
+
+def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
+            q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None) -> Clusters:
+  """k-means of q and of k (cold when no init is given), plus value centroids.
+
+  Args:
+    q, k, v: [G, S, D].
+    cfg: static configuration.
+    impl: "xla", "reference" or "pallas" (the assignment kernel).
+    q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
+  """
+  if (q_init is None) != (k_init is None):
+    raise ValueError("give both warm-start centroids or neither")
+  if q_init is None:
+    key = jax.random.PRNGKey(cfg.seed)
+    q_init = kmeans.init_centroids(q, cfg.num_q_clusters, jax.random.fold_in(key, 0))
+    k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1))
+    iters = cfg.kmeans_iters
+  else:
+    iters = cfg.kmeans_iters_warm
+  assign_fn = None
+  if impl == "pallas":
+    assign_fn = lambda x, c: _pallas().kmeans_assign(x, c, interpret=_interpret())
+  km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
+  q_res = kmeans.kmeans(q, q_init, **km)
+  k_res = kmeans.kmeans(k, k_init, **km)
+  v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters)
+  return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
+
+
+def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: SvgEarConfig,
+          impl: str, k_perm: Optional[jax.Array] = None,
+          v_perm: Optional[jax.Array] = None) -> jax.Array:
+  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`.
+
+  The pallas probe reads keys/values in key-cluster order: pass `k_perm`, `v_perm`
+  (permuted with the key clustering's layout) to reuse the attention stage's copies.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = routing.centroid_logits(clusters.q.centroids, clusters.k.centroids, scale)
+  log_err = None
+  if cfg.routing == "ear":
+    if impl == "pallas":
+      if k_perm is None:
+        lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+        k_perm, v_perm = permutation.permute(k, lay.perm), permutation.permute(v, lay.perm)
+      log_err, _ = _pallas().ear_error_probe(
+          clusters.q.centroids, k_perm, v_perm, clusters.k.centroids, clusters.v_centroids,
+          clusters.k.sizes, sm_scale=scale, interpret=_interpret())
+    else:
+      log_err = error_probe.error_probe_xla(
+          clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,
+          clusters.v_centroids, logits, scale=scale, chunk_mb=cfg.xla_chunk_mb)
+  return routing.route(cfg, logits, clusters.q.sizes, clusters.k.sizes, log_err)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_map: jax.Array,
+           cfg: SvgEarConfig, impl: str) -> jax.Array:
+  """Exact selected blocks + centroid compensation: [G, S, D] in q.dtype, token order."""
+  scale = q.shape[-1] ** -0.5
+  if impl == "pallas":
+    q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
+    k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+    out = _pallas().sparse_attention(
+        permutation.permute(q, q_lay.perm), permutation.permute(k, k_lay.perm),
+        permutation.permute(v, k_lay.perm), q_lay.sizes, k_lay.sizes, block_map,
+        clusters.k.centroids, clusters.v_centroids, compensation=cfg.compensation,
+        sm_scale=scale, interpret=_interpret())
+    return permutation.unpermute(out, q_lay.perm).astype(q.dtype)
+  args = (q, k, v, clusters.q.labels, clusters.k.labels, block_map, clusters.k.centroids,
+          clusters.v_centroids, clusters.k.sizes)
+  if impl == "reference":
+    out = reference.sparse_attention_reference(*args, scale=scale,
+                                               compensation=cfg.compensation)
+  else:
+    out = sparse_attention.sparse_attention_xla(*args, scale=scale,
+                                                compensation=cfg.compensation,
+                                                chunk_mb=cfg.xla_chunk_mb)
+  return out.astype(q.dtype)
