@@ -10,14 +10,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from svg_ear_jax import dense, pipeline, reference, routing
+from svg_ear_jax import dense, pipeline, reference, routing, sparse_attention
 from svg_ear_jax.config import SvgEarConfig
 from svg_ear_jax.state import SvgEarAux, SvgEarState
 
 MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q, k, v, cfg, state):
+def _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask):
   if not isinstance(cfg, SvgEarConfig):
     raise TypeError(f"cfg must be an SvgEarConfig, got {type(cfg).__name__}")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -37,11 +37,21 @@ def _check_inputs(q, k, v, cfg, state):
     raise ValueError(f"q has an empty dimension: {tuple(q.shape)}")
   if d > MAX_HEAD_DIM:
     raise ValueError(f"head dim D={d} > {MAX_HEAD_DIM} is not supported")
+  if isinstance(num_dense_tokens, bool) or not isinstance(num_dense_tokens, int) \
+      or not 0 <= num_dense_tokens < s:
+    raise ValueError(f"num_dense_tokens must be an int in [0, S={s}), got {num_dense_tokens!r}")
+  if key_mask is not None:
+    if not hasattr(key_mask, "shape") or tuple(key_mask.shape) != (b, s):
+      raise ValueError(f"key_mask must be [B, S] = {(b, s)}, got "
+                       f"{getattr(key_mask, 'shape', type(key_mask).__name__)}")
+    if key_mask.dtype != jnp.bool_:
+      raise TypeError(f"key_mask must be bool, got {key_mask.dtype}")
   if cfg.routing != "dense":
+    clustered = s - num_dense_tokens
     for field in ("num_q_clusters", "num_k_clusters"):
-      if getattr(cfg, field) > s:
-        raise ValueError(f"sequence length S={s} is smaller than cfg.{field}="
-                         f"{getattr(cfg, field)}")
+      if getattr(cfg, field) > clustered:
+        raise ValueError(f"sequence length S={s} minus num_dense_tokens={num_dense_tokens} is "
+                         f"smaller than cfg.{field}={getattr(cfg, field)}")
   if state is not None:
     if not isinstance(state, SvgEarState):
       raise TypeError(f"state must be an SvgEarState or None, got {type(state).__name__}")
@@ -69,28 +79,54 @@ def _tokens_first(x, b, h):  # [B*H, S, D] -> [B, S, H, D]
   return x.reshape(b, h, s, d).transpose(0, 2, 1, 3)
 
 
+def _masked_dense(qg, kg, vg, key_mask, impl):
+  """Exact attention over the valid keys only, chunked (no [S, S] at once)."""
+  g, s, d = qg.shape
+  k_labels = jnp.where(key_mask, 0, 1).astype(jnp.int32)
+  zeros = jnp.zeros((g, 1, d), jnp.float32)
+  args = (qg, kg, vg, jnp.zeros((g, s), jnp.int32), k_labels, jnp.ones((g, 1, 1), bool),
+          zeros, zeros, jnp.sum(key_mask, axis=1, keepdims=True, dtype=jnp.int32))
+  if impl == "reference":
+    return reference.sparse_attention_reference(*args, scale=d ** -0.5, compensation=False)
+  return sparse_attention.sparse_attention_xla(*args, scale=d ** -0.5, compensation=False)
+
+
 def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, *,
-                      state: Optional[SvgEarState] = None, return_aux: bool = False):
+                      state: Optional[SvgEarState] = None, return_aux: bool = False,
+                      num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None):
   """SVG-EAR sparse attention with centroid compensation.
 
   Args:
-    q, k, v: [B, S, H, D], one float dtype, any S >= the cluster counts, D <= 256.
+    q, k, v: [B, S, H, D], one float dtype, D <= 256; S - num_dense_tokens must be at
+      least the cluster counts.
     cfg: static configuration (hashable: pass it as a static argument under `jax.jit`).
     state: centroids returned by the previous call of the same layer (warm start with
       `cfg.kmeans_iters_warm` iterations); None -> cold start with `cfg.kmeans_iters`.
     return_aux: also return an `SvgEarAux` (next state, per-head density).
+    num_dense_tokens: static T; the last T tokens (e.g. HunyuanVideo's text) are not
+      clustered: their queries attend exactly to every valid key, and every query attends
+      exactly to the valid ones among them.
+    key_mask: optional [B, S] bool, False = padding key: never attended and never part of a
+      compensation pseudo-token (the reference adds a zero-value pseudo-token for the text
+      padding, which dilutes every softmax; we do not).
 
   Returns:
-    out [B, S, H, D] in q.dtype, or (out, aux) when `return_aux`.
+    out [B, S, H, D] in q.dtype, or (out, aux) when `return_aux`. aux.density counts the
+    exact area over all S queries x valid keys.
   """
-  _check_inputs(q, k, v, cfg, state)
+  _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask)
   b, s, h, d = q.shape
   q_dtype = q.dtype
   impl = resolve_implementation(cfg)
 
+  g_mask = None if key_mask is None else jnp.repeat(key_mask, h, axis=0)  # [B*H, S]
+
   if cfg.routing == "dense":
-    if impl == "reference":
-      out = reference.dense_attention_reference(q, k, v).astype(q.dtype)
+    if key_mask is not None:
+      out = _masked_dense(_heads_first(q), _heads_first(k), _heads_first(v), g_mask, impl)
+      out = _tokens_first(out, b, h).astype(q_dtype)
+    elif impl == "reference":
+      out = reference.dense_attention_reference(q, k, v).astype(q_dtype)
     else:
       out = dense.dense_attention(q, k, v)
     aux = SvgEarAux(state=state, density=jnp.ones((b, h), jnp.float32))
@@ -100,18 +136,28 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
   kq_n, kk_n = cfg.num_q_clusters, cfg.num_k_clusters
+  n_video = s - num_dense_tokens
   warm = {}
   if state is not None:
     warm = dict(q_init=state.q_centroids.reshape(b * h, kq_n, d),
                 k_init=state.k_centroids.reshape(b * h, kk_n, d))
-  clusters = pipeline.cluster(qg, kg, vg, cfg, impl, **warm)
-  block_map = pipeline.route(qg, kg, vg, clusters, cfg, impl)
-  out = pipeline.attend(qg, kg, vg, clusters, block_map, cfg, impl)
+  video = lambda x: x[:, :n_video]
+  video_mask = None if g_mask is None else video(g_mask)
+  clusters = pipeline.cluster(video(qg), video(kg), video(vg), cfg, impl, k_mask=video_mask,
+                              **warm)
+  block_map = pipeline.route(video(qg), video(kg), video(vg), clusters, cfg, impl)
+  attn_clusters, attn_map = clusters, block_map
+  if num_dense_tokens or key_mask is not None:
+    attn_clusters, attn_map = pipeline.append_dense_tokens(
+        clusters, block_map, num_dense_tokens,
+        None if g_mask is None else g_mask[:, n_video:])
+  out = pipeline.attend(qg, kg, vg, attn_clusters, attn_map, cfg, impl)
   out = _tokens_first(out, b, h).astype(q_dtype)
 
   if not return_aux:
     return out
   new_state = SvgEarState(q_centroids=clusters.q.centroids.reshape(b, h, kq_n, d),
                           k_centroids=clusters.k.centroids.reshape(b, h, kk_n, d))
-  density = routing.block_density(block_map, clusters.q.sizes, clusters.k.sizes).reshape(b, h)
+  density = routing.block_density(attn_map, attn_clusters.q.sizes,
+                                  attn_clusters.k.sizes).reshape(b, h)
   return out, SvgEarAux(state=new_state, density=density)

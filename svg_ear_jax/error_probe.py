@@ -18,7 +18,8 @@ from svg_ear_jax import chunking
 def value_stats(v: jax.Array, k_labels: jax.Array, v_centroids: jax.Array):
   """Per-token ||v_t||^2 and <vbar_{label t}, v_t> ([G, S] f32 each), per-cluster ||vbar||^2."""
   vf = v.astype(jnp.float32)
-  vc_t = jnp.take_along_axis(v_centroids, k_labels[..., None], axis=1)
+  # labels == Kk (keys outside every cluster) read a clipped row; segment sums drop them
+  vc_t = jnp.take_along_axis(v_centroids, k_labels[..., None], axis=1, mode="clip")
   return (jnp.sum(vf * vf, -1), jnp.sum(vf * vc_t, -1),
           jnp.sum(v_centroids * v_centroids, -1))
 
@@ -31,7 +32,7 @@ def error_probe_xla(q_centroids: jax.Array, k: jax.Array, v: jax.Array, k_labels
   Args:
     q_centroids: [G, Kq, D] float32.
     k, v: [G, S, D] keys and values in token order.
-    k_labels: [G, S] int32 key cluster of every token.
+    k_labels: [G, S] int32 key cluster of every token (Kk = in no cluster: ignored).
     k_sizes: [G, Kk] int32.
     v_centroids: [G, Kk, D] float32 mean value of each key cluster.
     logits: [G, Kq, Kk] float32 centroid logits c_ij.

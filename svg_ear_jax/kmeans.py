@@ -45,20 +45,26 @@ def _dot_precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def init_centroids(x: jax.Array, num_clusters: int, key: jax.Array) -> jax.Array:
+def init_centroids(x: jax.Array, num_clusters: int, key: jax.Array,
+                   point_mask: Optional[jax.Array] = None) -> jax.Array:
   """Cold start: `num_clusters` points drawn uniformly with replacement, per head.
 
   Args:
     x: [G, N, D] points.
     num_clusters: K.
     key: PRNG key; head g uses `fold_in(key, g)`.
+    point_mask: optional [G, N] bool; only True points are drawn.
 
   Returns:
     [G, K, D] float32 centroids.
   """
   g, n, _ = x.shape
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(g))
-  idx = jax.vmap(lambda k: jax.random.randint(k, (num_clusters,), 0, n))(keys)
+  if point_mask is None:
+    idx = jax.vmap(lambda k: jax.random.randint(k, (num_clusters,), 0, n))(keys)
+  else:
+    logp = jnp.where(point_mask, 0.0, -jnp.inf)
+    idx = jax.vmap(lambda k, lp: jax.random.categorical(k, lp, shape=(num_clusters,)))(keys, logp)
   return jnp.take_along_axis(x, idx[..., None], axis=1).astype(jnp.float32)
 
 
@@ -111,7 +117,8 @@ def cluster_means(x: jax.Array, labels: jax.Array, num_clusters: int,
 
 
 def kmeans(x: jax.Array, init: jax.Array, *, max_iters: int, tol: float,
-           assign_fn: Optional[AssignFn] = None, chunk_mb: int = 512) -> KMeansResult:
+           assign_fn: Optional[AssignFn] = None, chunk_mb: int = 512,
+           point_mask: Optional[jax.Array] = None) -> KMeansResult:
   """Lloyd iterations from `init`, each head stopping on its own once converged.
 
   Args:
@@ -121,6 +128,8 @@ def kmeans(x: jax.Array, init: jax.Array, *, max_iters: int, tol: float,
     tol: a head stops once max_k ||c_new - c_old||_2 < tol.
     assign_fn: assignment implementation (default: chunked XLA `assign_xla`).
     chunk_mb: memory bound of the default assignment.
+    point_mask: optional [G, N] bool; False points get the label K (outside every cluster)
+      and take no part in sizes or centroids.
 
   Returns:
     KMeansResult (see the module docstring for the contract).
@@ -135,6 +144,8 @@ def kmeans(x: jax.Array, init: jax.Array, *, max_iters: int, tol: float,
   def body(carry):
     it, cen, labels, sizes, done = carry
     new_labels = assign_fn(x, cen)
+    if point_mask is not None:
+      new_labels = jnp.where(point_mask, new_labels, k)
     new_cen, new_sizes = cluster_means(x, new_labels, k, fallback=cen)
     shift = jnp.max(jnp.linalg.norm(new_cen - cen, axis=-1), axis=-1)  # [G]
     converged = shift < tol

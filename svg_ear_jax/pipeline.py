@@ -45,7 +45,8 @@ def _interpret() -> bool:
 
 
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
-            q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None) -> Clusters:
+            q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
+            k_mask: Optional[jax.Array] = None) -> Clusters:
   """k-means of q and of k (cold when no init is given), plus value centroids.
 
   Args:
@@ -53,13 +54,14 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     cfg: static configuration.
     impl: "xla", "reference" or "pallas" (the assignment kernel).
     q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
+    k_mask: optional [G, S] bool valid keys; invalid keys get label Kk (in no cluster).
   """
   if (q_init is None) != (k_init is None):
     raise ValueError("give both warm-start centroids or neither")
   if q_init is None:
     key = jax.random.PRNGKey(cfg.seed)
     q_init = kmeans.init_centroids(q, cfg.num_q_clusters, jax.random.fold_in(key, 0))
-    k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1))
+    k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1), k_mask)
     iters = cfg.kmeans_iters
   else:
     iters = cfg.kmeans_iters_warm
@@ -68,7 +70,7 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     assign_fn = lambda x, c: _pallas().kmeans_assign(x, c, interpret=_interpret())
   km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
   q_res = kmeans.kmeans(q, q_init, **km)
-  k_res = kmeans.kmeans(k, k_init, **km)
+  k_res = kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
   v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters)
   return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
 
@@ -122,3 +124,41 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
                                                 compensation=cfg.compensation,
                                                 chunk_mb=cfg.xla_chunk_mb)
   return out.astype(q.dtype)
+
+
+def append_dense_tokens(clusters: Clusters, block_map: jax.Array, num_dense: int,
+                        dense_key_mask: Optional[jax.Array]):
+  """Adds trailing dense tokens (e.g. text) as one extra query and one extra key cluster.
+
+  The extra query cluster (label Kq, the last `num_dense` queries) attends exactly to every
+  valid key; the extra key cluster (label Kk, the valid dense keys) is exact for every
+  query, so it never becomes a pseudo-token. Invalid keys, video or dense, get label Kk + 1
+  and are attended by no one and compensated by no one.
+
+  Args:
+    clusters: clustering of the first S - num_dense tokens (masked keys labelled Kk).
+    block_map: [G, Kq, Kk] routed map of those tokens.
+    num_dense: number of trailing dense tokens T.
+    dense_key_mask: [G, T] bool validity of the dense keys, or None (all valid).
+
+  Returns:
+    (Clusters over all S tokens with Kq + 1 / Kk + 1 clusters, block map [G, Kq+1, Kk+1]).
+  """
+  g, kq, kk = block_map.shape
+  q, k = clusters.q, clusters.k
+  if dense_key_mask is None:
+    dense_key_mask = jnp.ones((g, num_dense), bool)
+  q_labels = jnp.concatenate([q.labels, jnp.full((g, num_dense), kq, jnp.int32)], axis=1)
+  q_sizes = jnp.concatenate([q.sizes, jnp.full((g, 1), num_dense, jnp.int32)], axis=1)
+  video_k = jnp.where(k.labels == kk, kk + 1, k.labels)
+  dense_k = jnp.where(dense_key_mask, kk, kk + 1).astype(jnp.int32)
+  k_labels = jnp.concatenate([video_k, dense_k], axis=1)
+  k_sizes = jnp.concatenate(
+      [k.sizes, jnp.sum(dense_key_mask, axis=1, keepdims=True, dtype=jnp.int32)], axis=1)
+  pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  ext = Clusters(
+      q=dataclasses.replace(q, labels=q_labels, sizes=q_sizes, centroids=pad_row(q.centroids)),
+      k=dataclasses.replace(k, labels=k_labels, sizes=k_sizes, centroids=pad_row(k.centroids)),
+      v_centroids=pad_row(clusters.v_centroids))
+  ext_map = jnp.pad(block_map, ((0, 0), (0, 1), (0, 1)), constant_values=True)
+  return ext, ext_map

@@ -29,9 +29,12 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_label
   Returns [G, S, D] float32.
   """
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  row_map = jnp.take_along_axis(block_map, q_labels[..., None], axis=1)  # [G, S, Kk]
+  kk = block_map.shape[-1]
+  padded = jnp.pad(block_map, ((0, 0), (0, 0), (0, 1)))  # key label Kk = masked key
+  padded_row = jnp.take_along_axis(padded, q_labels[..., None], axis=1)  # [G, S, Kk + 1]
+  row_map = padded_row[..., :kk]
   token_mask = jnp.take_along_axis(
-      row_map, jnp.broadcast_to(k_labels[:, None, :], q_labels.shape + k_labels.shape[-1:]),
+      padded_row, jnp.broadcast_to(k_labels[:, None, :], q_labels.shape + k_labels.shape[-1:]),
       axis=2)  # [G, S, S]
   logits = jnp.where(token_mask, jnp.einsum("gqd,gkd->gqk", q, k, precision=_HI) * scale,
                      -jnp.inf)

@@ -25,7 +25,8 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
 
   Args:
     q, k, v: [G, S, D] in token order.
-    q_labels, k_labels: [G, S] int32 query / key cluster of every token.
+    q_labels, k_labels: [G, S] int32 query / key cluster of every token; a key labelled
+      Kk belongs to no cluster (masked) and is never attended.
     block_map: [G, Kq, Kk] bool, True = key cluster computed exactly for the query cluster.
     k_centroids, v_centroids: [G, Kk, D] float32 key centroid and mean value per cluster.
     k_sizes: [G, Kk] int32 keys per cluster.
@@ -44,10 +45,13 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
   kc = k_centroids.astype(q.dtype)
   vc = v_centroids.astype(v.dtype)
 
+  padded_map = jnp.pad(block_map, ((0, 0), (0, 0), (0, 1)))  # column Kk: masked keys
+
   def one_chunk(qc, qlab):
-    row_map = jnp.take_along_axis(block_map, qlab[..., None], axis=1)  # [G, c, Kk]
-    key_on = jnp.take_along_axis(row_map, jnp.broadcast_to(k_labels[:, None, :],
-                                                           qlab.shape + (s,)), axis=2)
+    padded_row = jnp.take_along_axis(padded_map, qlab[..., None], axis=1)  # [G, c, Kk + 1]
+    row_map = padded_row[..., :kk]
+    key_on = jnp.take_along_axis(padded_row, jnp.broadcast_to(k_labels[:, None, :],
+                                                              qlab.shape + (s,)), axis=2)
     logits = jnp.einsum("gqd,gkd->gqk", qc, k, precision=precision,
                         preferred_element_type=jnp.float32) * scale
     logits = jnp.where(key_on, logits, -jnp.inf)

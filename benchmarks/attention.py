@@ -1,0 +1,169 @@
+"""SVG-EAR attention speed vs dense cuDNN attention (run on a GPU; tiny shapes run anywhere).
+
+Per configuration: dense cuDNN time (same run), the warm SVG-EAR call (k-means from the
+previous call's centroids, `kmeans_iters_warm` iterations) and its breakdown (k-means,
+routing incl. probe, attention incl. permutations, the sparse kernel alone), achieved
+density, useful TFLOP/s of the sparse kernel (4 * D * exact area / time), relative L2 error
+vs the dense output, and XLA's memory accounting of both calls. Inputs are the structured
+video-like workload of benchmarks/workloads.py (seed 0) in bf16.
+
+Reproduce every row of benchmarks/results/attention_h100.json on one H100:
+  python -m benchmarks.attention --shapes wan22_720p wan22_480p hunyuan_720p \
+      --densities 0.15 0.25 0.35 ref --routings ear --out benchmarks/results/attention_h100
+Quick check on CPU (interpret-mode kernels are far too slow there; use xla):
+  python -m benchmarks.attention --shapes tiny --implementation xla --out /tmp/attn_tiny
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing, workloads
+from svg_ear_jax import SvgEarConfig, pipeline, svg_ear_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  grid: workloads.Grid
+  heads: int
+  head_dim: int
+  num_q_clusters: int
+  num_k_clusters: int
+
+
+SHAPES = {
+    "wan22_720p": Shape(workloads.WAN_720P, 40, 128, 300, 1000),
+    "wan22_480p": Shape(workloads.WAN_480P, 40, 128, 200, 1000),
+    "hunyuan_720p": Shape(workloads.HUNYUAN_720P, 24, 128, 400, 1000),
+    "tiny": Shape(workloads.Grid(4, 12, 16), 2, 64, 12, 40),
+}
+
+
+def _heads_first(x):
+  b, s, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
+
+
+def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters):
+  cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
+                     routing=routing, density=density, implementation=impl)
+  call = jax.jit(functools.partial(svg_ear_attention, cfg=cfg, return_aux=True))
+  _, cold_aux = call(q, k, v)  # cold start: 50 iterations, gives the warm state
+  state = cold_aux.state
+  full_ms, method = timing.measure_ms(lambda q, k, v: call(q, k, v, state=state), q, k, v,
+                                      iterations=iters)
+  out, aux = call(q, k, v, state=state)
+  diff = out.astype(jnp.float32) - dense_out.astype(jnp.float32)
+  rel_err = float(jnp.linalg.norm(diff) / jnp.linalg.norm(dense_out.astype(jnp.float32)))
+  dens = float(aux.density.mean())
+
+  impl_name = pipeline_impl = ("pallas" if impl == "auto" and jax.default_backend() == "gpu"
+                               else ("xla" if impl == "auto" else impl))
+  qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
+  g, s, d = qg.shape
+  q_init = state.q_centroids.reshape(g, -1, d)
+  k_init = state.k_centroids.reshape(g, -1, d)
+  cluster = jax.jit(lambda q, k, v, qi, ki: pipeline.cluster(q, k, v, cfg, pipeline_impl, qi, ki))
+  clusters = cluster(qg, kg, vg, q_init, k_init)
+  route = jax.jit(lambda q, k, v, c: pipeline.route(q, k, v, c, cfg, pipeline_impl))
+  block_map = route(qg, kg, vg, clusters)
+  attend = jax.jit(lambda q, k, v, c, m: pipeline.attend(q, k, v, c, m, cfg, pipeline_impl))
+  kmeans_ms, _ = timing.measure_ms(cluster, qg, kg, vg, q_init, k_init, iterations=iters)
+  route_ms, _ = timing.measure_ms(route, qg, kg, vg, clusters, iterations=iters)
+  attend_ms, _ = timing.measure_ms(attend, qg, kg, vg, clusters, block_map, iterations=iters)
+  kernel_ms = float("nan")
+  if pipeline_impl == "pallas":
+    kernel_ms = pipeline.time_sparse_kernel(qg, kg, vg, clusters, block_map, cfg, iters)
+  useful_flops = 4.0 * d * dens * s * s * g
+  t_kernel = kernel_ms if np.isfinite(kernel_ms) else attend_ms
+  peak = timing.compiled_memory_gb(call, q, k, v, state=state)
+  return dict(
+      name=name, device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+      batch=q.shape[0], seq_len=s, heads=q.shape[2], head_dim=d,
+      num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
+      routing=routing, budget="top-p 0.9" if density is None else density,
+      implementation=impl_name, density=dens, dense_ms=dense_ms, svg_ear_ms=full_ms,
+      speedup_vs_cudnn=dense_ms / full_ms, rel_err=rel_err, kmeans_ms=kmeans_ms,
+      routing_ms=route_ms, attention_ms=attend_ms, sparse_kernel_ms=kernel_ms,
+      permutation_ms=(attend_ms - kernel_ms) if np.isfinite(kernel_ms) else float("nan"),
+      sparse_tflops=useful_flops / (t_kernel * 1e-3) / 1e12,
+      dense_tflops=4.0 * d * s * s * g / (dense_ms * 1e-3) / 1e12,
+      peak_mem_gb=peak, timing=method, kmeans_iters_warm=cfg.kmeans_iters_warm)
+
+
+def markdown(rows):
+  head = ("| shape | S | H | routing | budget | density | dense cuDNN ms | SVG-EAR ms | speedup |"
+          " k-means ms | routing ms | attention ms | kernel TFLOP/s | rel. err | mem GB |")
+  lines = [head, "|" + "---|" * 15]
+  for r in rows:
+    budget = r["budget"] if isinstance(r["budget"], str) else f"{r['budget']:.2f}"
+    lines.append(
+        f"| {r['name']} | {r['seq_len']} | {r['heads']} | {r['routing']} | {budget} | "
+        f"{r['density']:.3f} | {r['dense_ms']:.1f} | {r['svg_ear_ms']:.1f} | "
+        f"{r['speedup_vs_cudnn']:.2f}x | {r['kmeans_ms']:.1f} | {r['routing_ms']:.1f} | "
+        f"{r['attention_ms']:.1f} | {r['sparse_tflops']:.0f} | {r['rel_err']:.4f} | "
+        f"{r['peak_mem_gb']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", nargs="+", default=["wan22_720p"], choices=sorted(SHAPES))
+  parser.add_argument("--densities", nargs="+", default=["0.25"],
+                      help="fixed densities in (0, 1], or 'ref' for the reference top-p budget")
+  parser.add_argument("--routings", nargs="+", default=["ear"], choices=["ear", "topp"])
+  parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "xla"])
+  parser.add_argument("--iters", type=int, default=5, help="timed repetitions (median)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=os.path.join("benchmarks", "results", "attention"),
+                      help="output path stem: writes STEM.json and STEM.md")
+  args = parser.parse_args(argv)
+  densities = []
+  for d in args.densities:
+    if d == "ref":
+      densities.append(None)
+    else:
+      value = float(d)
+      if not 0 < value <= 1:
+        parser.error(f"density {d} is not in (0, 1]")
+      densities.append(value)
+
+  rows = []
+  for name in args.shapes:
+    shape = SHAPES[name]
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in workloads.structured(
+        shape.grid, shape.heads, shape.head_dim, seed=args.seed))
+    dense_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    dense = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=dense_impl))
+    dense_ms, _ = timing.measure_ms(dense, q, k, v, iterations=args.iters)
+    dense_out = dense(q, k, v)
+    dense_mem = timing.compiled_memory_gb(dense, q, k, v)
+    print(f"{name}: S={q.shape[1]} H={shape.heads} dense {dense_impl} {dense_ms:.2f} ms, "
+          f"{dense_mem:.2f} GB", flush=True)
+    for routing in args.routings:
+      for density in densities:
+        row = bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density,
+                           args.implementation, args.iters)
+        row["dense_mem_gb"] = dense_mem
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(rows, f, indent=1)
+  table = markdown(rows)
+  with open(args.out + ".md", "w") as f:
+    f.write(table + "\n")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
