@@ -20,5 +20,10 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     [B, S, H, D] in q.dtype. Uses cuDNN on GPU for bf16/f16, XLA otherwise (which
     materialises the [B, H, S, S] logits: keep S moderate off-GPU).
   """
-  impl = "cudnn" if cudnn_supported(q) else "xla"
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  if cudnn_supported(q):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  # float32 inputs mean float32 math: the GPU default for f32 matmuls is TF32
+  if q.dtype == jnp.float32:
+    with jax.default_matmul_precision("highest"):
+      return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
