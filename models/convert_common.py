@@ -1,0 +1,417 @@
+"""PyTorch safetensors checkpoints -> flax.nnx models and Orbax checkpoints (model-agnostic).
+
+A model port supplies a table `{source key: Rule}` built from its config; this module
+opens the local checkpoint (one file or index-listed shards), checks the table against the
+file headers before reading any data (unknown, missing and mis-shaped keys are errors
+naming the key and its file), then streams tensor by tensor into an abstract
+(`nnx.eval_shape`) model. Weights of scanned layers are written slice by slice into one
+`[num_layers, ...]` host buffer per parameter, handed to the device once complete, so the
+host never holds a second copy of the model. Outputs are written to a temporary sibling
+folder and renamed into place at the end: nothing is left behind on failure.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+Path_ = Tuple[Any, ...]  # an nnx state path, e.g. ("blocks", "attn1", "to_q", "kernel")
+Kind = Literal["linear", "conv", "copy"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: the message names the key and the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Where one source tensor goes.
+
+  Attributes:
+    target: nnx path of the parameter.
+    kind: "linear" (torch (out, in) -> kernel (in, out)), "conv" (torch (O, I, *k) ->
+      (*k, I, O)) or "copy".
+    layer: index on the leading axis of a scanned (stacked) parameter, None if unstacked.
+  """
+
+  target: Path_
+  kind: Kind = "copy"
+  layer: Optional[int] = None
+
+
+def to_flax(kind: Kind, tensor: np.ndarray) -> np.ndarray:
+  """Applies a rule's layout change to a torch-layout tensor (a view, no copy)."""
+  if kind == "linear":
+    return tensor.T
+  if kind == "conv":
+    return tensor.transpose(*range(2, tensor.ndim), 1, 0)
+  return tensor
+
+
+def source_shape(kind: Kind, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  """The torch-layout shape that `to_flax(kind, .)` turns into `flax_shape`."""
+  if kind == "linear":
+    return tuple(reversed(flax_shape))
+  if kind == "conv":
+    return (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
+  return tuple(flax_shape)
+
+
+def path_str(path: Path_) -> str:
+  return ".".join(str(p) for p in path)
+
+
+class SafetensorsCheckpoint:
+  """A local safetensors checkpoint: a folder with shards listed by a `*.safetensors.index.json`
+  weight map, a folder with a single `*.safetensors`, or a file path.
+
+  Opening validates every file header (a truncated or corrupt file is a `CheckpointError`
+  naming it) and reads no tensor data; `read` streams one tensor.
+  """
+
+  def __init__(self, location: os.PathLike):
+    self.location = Path(location)
+    self._stack = contextlib.ExitStack()
+    self._handles: Dict[Path, Any] = {}
+    self.file_of: Dict[str, Path] = {}
+    try:
+      self._open()
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self):
+    loc = self.location
+    if loc.is_file():
+      files = {loc: None}
+    elif loc.is_dir():
+      indexes = sorted(loc.glob("*" + INDEX_SUFFIX))
+      singles = sorted(p for p in loc.glob("*.safetensors") if p.is_file())
+      if len(indexes) > 1:
+        raise CheckpointError(f"{loc}: several safetensors indexes {[p.name for p in indexes]}")
+      if indexes:
+        files = self._files_from_index(indexes[0])
+      elif len(singles) == 1:
+        files = {singles[0]: None}
+      elif singles:
+        raise CheckpointError(f"{loc}: several .safetensors files {[p.name for p in singles]} "
+                              f"and no {INDEX_SUFFIX} listing them")
+      else:
+        raise CheckpointError(f"{loc}: no .safetensors file")
+    else:
+      raise CheckpointError(f"{loc}: no such file or folder")
+
+    for path, listed in files.items():
+      handle = self._open_file(path)
+      keys = list(handle.keys())
+      for key in keys:
+        if listed is not None and key not in listed:
+          raise CheckpointError(f"unexpected key '{key}' in file {path}: the index does not "
+                                "list it there")
+        if key in self.file_of:
+          raise CheckpointError(f"key '{key}' is stored twice: in {self.file_of[key]} and {path}")
+        self.file_of[key] = path
+      if listed is not None:
+        absent = sorted(set(listed) - set(keys))
+        if absent:
+          raise CheckpointError(f"missing key '{absent[0]}': the index lists it in file {path}, "
+                                f"which does not hold it ({len(absent)} such keys)")
+
+  def _files_from_index(self, index: Path) -> Dict[Path, List[str]]:
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+      raise CheckpointError(f"cannot read the weight map of index {index}: {err}") from err
+    files: Dict[Path, List[str]] = {}
+    for key, name in weight_map.items():
+      files.setdefault(index.parent / name, []).append(key)
+    for path in files:
+      if not path.is_file():
+        raise CheckpointError(f"index {index} lists file {path.name}, which does not exist")
+    return files
+
+  def _open_file(self, path: Path):
+    from safetensors import safe_open
+
+    try:
+      # "flax" rather than "numpy": NumPy has no bfloat16.
+      handle = self._stack.enter_context(safe_open(str(path), framework="flax"))
+    except Exception as err:  # SafetensorError is not importable by a stable name.
+      raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): "
+                            f"{err}") from err
+    self._handles[path] = handle
+    return handle
+
+  def keys(self) -> List[str]:
+    return list(self.file_of)
+
+  def shape(self, key: str) -> Tuple[int, ...]:
+    return tuple(self._handles[self.file_of[key]].get_slice(key).get_shape())
+
+  def dtype(self, key: str) -> str:
+    return self._handles[self.file_of[key]].get_slice(key).get_dtype()
+
+  def read(self, key: str) -> np.ndarray:
+    """One tensor as a host NumPy array (bfloat16 via ml_dtypes)."""
+    path = self.file_of[key]
+    try:
+      with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(self._handles[path].get_tensor(key))
+    except Exception as err:
+      raise CheckpointError(f"cannot read key '{key}' from file {path}: {err}") from err
+
+  def close(self) -> None:
+    self._stack.close()
+
+  def __enter__(self) -> "SafetensorsCheckpoint":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_keys(ckpt: SafetensorsCheckpoint, rules: Mapping[str, Rule],
+               flax_shapes: Mapping[Path_, Tuple[int, ...]], what: str) -> None:
+  """Checks the checkpoint against the rule table from headers alone.
+
+  Args:
+    ckpt: the opened checkpoint.
+    rules: every source key the model expects.
+    flax_shapes: shape of each target parameter (stacked ones include the layer axis).
+    what: model description for messages.
+
+  Raises:
+    CheckpointError: on an unknown, missing, mis-shaped or non-float key.
+  """
+  present = ckpt.keys()
+  unknown = [k for k in present if k not in rules]
+  if unknown:
+    raise CheckpointError(
+        f"unknown key '{unknown[0]}' in file {ckpt.file_of[unknown[0]]}: not a parameter of "
+        f"{what} ({len(unknown)} unknown keys: {unknown[:5]}{'...' if len(unknown) > 5 else ''})")
+  missing = [k for k in rules if k not in ckpt.file_of]
+  if missing:
+    raise CheckpointError(
+        f"missing key '{missing[0]}': {what} needs it but no file of checkpoint "
+        f"{ckpt.location} holds it ({len(missing)} missing keys)")
+  for key, rule in rules.items():
+    shape = flax_shapes[rule.target]
+    if rule.layer is not None:
+      shape = shape[1:]
+    expected = source_shape(rule.kind, shape)
+    got = ckpt.shape(key)
+    if got != expected:
+      raise CheckpointError(f"key '{key}' in file {ckpt.file_of[key]} has shape {got}, but "
+                            f"{what} expects {expected}")
+    if ckpt.dtype(key) not in _FLOAT_DTYPES:
+      raise CheckpointError(f"key '{key}' in file {ckpt.file_of[key]} has dtype "
+                            f"{ckpt.dtype(key)}, expected a float type")
+
+
+def param_variables(model: nnx.Module) -> Dict[Path_, nnx.Param]:
+  """Every `nnx.Param` of a model by path (the model's own variables: setting their value
+  updates the model)."""
+  return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def param_shapes(model: nnx.Module) -> Dict[Path_, jax.ShapeDtypeStruct]:
+  """Shape and dtype of every `nnx.Param` of a (possibly abstract) model, by path."""
+  out = {}
+  for path, var in param_variables(model).items():
+    value = var.get_value()
+    out[path] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+  return out
+
+
+def load_into(model: nnx.Module, ckpt: SafetensorsCheckpoint, rules: Mapping[str, Rule], *,
+              what: str, progress: bool = True,
+              device: Optional[jax.Device] = None) -> nnx.Module:
+  """Fills an abstract model (`nnx.eval_shape`) from a checkpoint, in place.
+
+  Every rule target must be a parameter of the model and every parameter a target; each
+  tensor is cast to its parameter's dtype (the model decides what stays float32).
+
+  Args:
+    model: module whose `nnx.Param`s are `ShapeDtypeStruct`s.
+    ckpt: opened source checkpoint.
+    rules: source key -> Rule, covering all the checkpoint's keys.
+    what: model description for error messages.
+    progress: show a tqdm bar.
+    device: where parameters go (default: the default device).
+
+  Returns:
+    `model`, now holding arrays.
+  """
+  from tqdm import tqdm
+
+  shapes = param_shapes(model)
+  targets = {r.target for r in rules.values()}
+  if targets != set(shapes):
+    stray = sorted(map(path_str, targets - set(shapes)))
+    unfilled = sorted(map(path_str, set(shapes) - targets))
+    raise CheckpointError(f"conversion table and {what} disagree: targets without a "
+                          f"parameter {stray[:5]}, parameters without a source {unfilled[:5]}")
+  check_keys(ckpt, rules, {p: s.shape for p, s in shapes.items()}, what)
+
+  by_target: Dict[Path_, List[Tuple[str, Rule]]] = {}
+  for key, rule in rules.items():
+    by_target.setdefault(rule.target, []).append((key, rule))
+  variables = param_variables(model)
+  device = device or jax.devices()[0]
+  bar = tqdm(total=len(rules), desc=f"converting {ckpt.location.name}", unit="tensor",
+             disable=not progress)
+  with bar:
+    for target, sources in by_target.items():
+      spec = shapes[target]
+      stacked = sources[0][1].layer is not None
+      if stacked:
+        buf = np.empty(spec.shape, spec.dtype)
+        seen = set()
+        for key, rule in sources:
+          buf[rule.layer] = to_flax(rule.kind, ckpt.read(key)).astype(spec.dtype)
+          seen.add(rule.layer)
+          bar.update()
+        if seen != set(range(spec.shape[0])):
+          raise CheckpointError(f"{what}: parameter {path_str(target)} got layers "
+                                f"{sorted(seen)} of {spec.shape[0]}")
+      else:
+        (key, rule), = sources
+        buf = to_flax(rule.kind, ckpt.read(key)).astype(spec.dtype)
+        bar.update()
+      variables[target].set_value(jax.device_put(buf, device))
+      del buf
+  return model
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+  """Yields an empty temporary folder beside `dst`, renamed to `dst` if the block succeeds.
+
+  On any exception the temporary folder is removed and `dst` is untouched.
+
+  Raises:
+    FileExistsError: `dst` exists and `overwrite` is False.
+  """
+  dst = Path(dst).absolute()
+  if dst.exists() and not overwrite:
+    raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite)")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+  try:
+    yield tmp
+    if dst.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+      os.replace(dst, old / dst.name)
+      os.replace(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _str_keys(tree: Any) -> Any:
+  # Orbax names leaves by their dict keys; nnx uses ints for list indices.
+  if isinstance(tree, Mapping):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def save_params(model: nnx.Module, directory: os.PathLike) -> None:
+  """Writes the model's `nnx.Param`s to a new Orbax checkpoint folder `directory`."""
+  import orbax.checkpoint as ocp
+
+  tree = _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(Path(directory).absolute(), tree)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def restore_params(model: nnx.Module, directory: os.PathLike, *,
+                   device: Optional[jax.Device] = None) -> nnx.Module:
+  """Fills an abstract model's `nnx.Param`s from `save_params` output, casting each to
+  the parameter's dtype; shapes and names must match exactly."""
+  import orbax.checkpoint as ocp
+
+  directory = Path(directory).absolute()
+  device = device or jax.devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    stored = checkpointer.metadata(directory).item_metadata.tree
+  except Exception as err:
+    raise CheckpointError(f"cannot read the Orbax checkpoint {directory}: {err}") from err
+  shapes = param_shapes(model)
+  stored_flat = {tuple(str(k) for k in path): leaf for path, leaf in _flatten(stored)}
+  wanted = {tuple(str(k) for k in path): path for path in shapes}
+  if set(stored_flat) != set(wanted):
+    extra = sorted(".".join(p) for p in set(stored_flat) - set(wanted))
+    absent = sorted(".".join(p) for p in set(wanted) - set(stored_flat))
+    raise CheckpointError(f"Orbax checkpoint {directory} does not match the model: unexpected "
+                          f"{extra[:5]}, missing {absent[:5]}")
+  abstract = {}
+  for key, leaf in stored_flat.items():
+    want = shapes[wanted[key]]
+    if tuple(leaf.shape) != want.shape:
+      raise CheckpointError(f"parameter {'.'.join(key)} in {directory} has shape "
+                            f"{tuple(leaf.shape)}, the model expects {want.shape}")
+    abstract[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+  restored = checkpointer.restore(directory, _unflatten(abstract))
+  checkpointer.close()
+  variables = param_variables(model)
+  for key, value in _flatten(restored):
+    path = wanted[tuple(key)]
+    variables[path].set_value(value.astype(shapes[path].dtype))
+  return model
+
+
+def _flatten(tree: Any, prefix: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], Any]]:
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      yield from _flatten(v, prefix + (str(k),))
+  else:
+    yield prefix, tree
+
+
+def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
+  out: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return out
+
+
+def read_json(path: os.PathLike) -> Optional[Dict[str, Any]]:
+  """A JSON file as a dict, None if absent; a malformed file is a `CheckpointError`."""
+  path = Path(path)
+  if not path.is_file():
+    return None
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise CheckpointError(f"cannot parse {path}: {err}") from err
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object")
+  return data
+
+
+def write_json(path: os.PathLike, data: Mapping[str, Any]) -> None:
+  Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+

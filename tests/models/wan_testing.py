@@ -1,0 +1,125 @@
+"""Helpers of the Wan tests: toy configs and inputs, NumPy-written checkpoints, comparisons."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.convert_common import param_variables
+from models.wan import WanConfig, WanTransformer
+from models.wan.convert import key_table
+
+# diffusers `WanTransformer3DModel` kwargs of the toy size: head_dim 16 gives the unequal
+# RoPE split (8, 4, 4) that the real (44, 42, 42) has.
+TINY_DIFFUSERS = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                      text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                      qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+# Channel layouts: T2V-A14B-like, I2V-A14B-like (2C + 4 in), TI2V-5B-like.
+CHANNELS = {"t2v": (4, 4), "i2v": (12, 4), "ti2v": (8, 8)}
+LATENT_FHW = (3, 16, 16)  # -> 3 * 8 * 8 = 192 tokens
+NUM_TOKENS = 192
+TEXT_LEN = 12
+
+
+def tiny_config(kind: str, **overrides) -> WanConfig:
+  c_in, c_out = CHANNELS[kind]
+  return WanConfig.tiny(**{**dict(in_channels=c_in, out_channels=c_out, model_type=kind),
+                           **overrides})
+
+
+def wan_inputs(kind: str, *, batch: int = 1, timestep: float = 500.0, seed: int = 0):
+  """NumPy (hidden_states, timestep, encoder_hidden_states); sample b is at timestep
+  `timestep - 100 b`. TI2V gets per-token timesteps with the first latent frame at t=0, as
+  in its image-to-video mode."""
+  rng = np.random.default_rng(seed)
+  c_in = CHANNELS[kind][0]
+  x = rng.standard_normal((batch, c_in, *LATENT_FHW), dtype=np.float32)
+  ctx = rng.standard_normal((batch, TEXT_LEN, 16), dtype=np.float32)
+  t = (timestep - 100.0 * np.arange(batch)).astype(np.float32)
+  if kind == "ti2v":
+    t = np.repeat(t[:, None], NUM_TOKENS, axis=1)
+    t[:, :NUM_TOKENS // LATENT_FHW[0]] = 0.0
+  return x, t, ctx
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def flat_params(model) -> dict:
+  return {path: np.asarray(v.get_value()) for path, v in param_variables(model).items()}
+
+
+def write_shards(tensors: dict, folder: Path, num_shards: int, save_file) -> None:
+  """Sharded safetensors + diffusers-style index, keys dealt round-robin over the shards."""
+  folder.mkdir(parents=True, exist_ok=True)
+  names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+           for i in range(num_shards)]
+  shards = [dict() for _ in names]
+  for i, (key, value) in enumerate(tensors.items()):
+    shards[i % num_shards][key] = value
+  weight_map = {}
+  for name, shard in zip(names, shards):
+    save_file(shard, str(folder / name))
+    weight_map.update({k: name for k in shard})
+  (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+def export_numpy_checkpoint(model: WanTransformer, folder: Path, *, layout: str = "diffusers",
+                            num_shards: int = 3) -> Path:
+  """Writes a JAX model as a torch-layout safetensors checkpoint with NumPy only."""
+  from safetensors.numpy import save_file
+
+  cfg = model.config
+  params = flat_params(model)
+  tensors = {}
+  for d_key, o_key, rule in key_table(cfg):
+    value = params[rule.target]
+    if rule.layer is not None:
+      value = value[rule.layer]
+    if rule.kind == "linear":
+      value = value.T
+    elif rule.kind == "conv":
+      value = value.transpose(4, 3, 0, 1, 2)
+    tensors[d_key if layout == "diffusers" else o_key] = np.ascontiguousarray(value)
+  write_shards(tensors, folder, num_shards, save_file)
+  if layout == "diffusers":
+    config = {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size),
+              "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+              "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+              "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim,
+              "num_layers": cfg.num_layers, "cross_attn_norm": cfg.cross_attn_norm,
+              "qk_norm": "rms_norm_across_heads", "eps": cfg.eps, "image_dim": None,
+              "added_kv_proj_dim": None, "rope_max_seq_len": cfg.rope_max_seq_len}
+  else:
+    config = {"_class_name": "WanModel", "dim": cfg.dim, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim,
+              "freq_dim": cfg.freq_dim, "in_dim": cfg.in_channels, "model_type": cfg.model_type,
+              "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
+              "out_dim": cfg.out_channels, "text_len": 512, "text_dim": cfg.text_dim}
+  (folder / "config.json").write_text(json.dumps(config))
+  return folder
+
+
+def random_jax_model(kind: str, seed: int = 0, **overrides) -> WanTransformer:
+  """A tiny model with every parameter random, norm scales and tables included (so any
+  mix-up shows). Filled from NumPy: eager nnx init is slow on CPU."""
+  cfg = tiny_config(kind, **overrides)
+  model = nnx.eval_shape(lambda: WanTransformer(cfg))
+  rng = np.random.default_rng(seed)
+  for var in param_variables(model).values():
+    spec = var.get_value()
+    var.set_value(jnp.asarray(rng.standard_normal(spec.shape) * 0.3, spec.dtype))
+  return model
+
+
+def torch_forward(model, x, t, ctx) -> np.ndarray:
+  import torch
+
+  with torch.no_grad():
+    out = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
+                return_dict=False)[0]
+  return out.numpy()
