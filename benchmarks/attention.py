@@ -170,14 +170,17 @@ def main(argv=None):
         row["dense_mem_gb"] = dense_mem
         rows.append(row)
         print(json.dumps(row), flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(rows, f, indent=1)
-  table = markdown(rows)
-  with open(args.out + ".md", "w") as f:
-    f.write(table + "\n")
-  print(table)
+        write(rows, args.out)  # after every row: a timeout keeps what was measured
+  print(markdown(rows))
   return 0
+
+
+def write(rows, stem):
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+  with open(stem + ".json", "w") as f:
+    json.dump(rows, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Imports nothing from svg_ear_jax: kernels take arrays and block sizes.
 """
 
+from pallas_kernels.error_probe import ear_error_probe, ear_error_probe_reference
+from pallas_kernels.kmeans_assign import kmeans_assign, kmeans_assign_reference
 from pallas_kernels.packed_attention import (packed_metadata, packed_sparse_attention,
                                              packed_sparse_attention_reference, padding_waste)
 
-__all__ = ["packed_metadata", "packed_sparse_attention", "packed_sparse_attention_reference",
-           "padding_waste"]
+__all__ = ["ear_error_probe", "ear_error_probe_reference", "kmeans_assign",
+           "kmeans_assign_reference", "packed_metadata", "packed_sparse_attention",
+           "packed_sparse_attention_reference", "padding_waste"]

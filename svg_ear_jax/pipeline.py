@@ -74,7 +74,7 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   else:
     iters = cfg.kmeans_iters_warm
   assign_fn = None
-  if impl == "pallas" and hasattr(_pallas(), "kmeans_assign"):
+  if impl == "pallas":
     assign_fn = lambda x, c: _pallas().kmeans_assign(x, c, interpret=_interpret())
   km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
   q_res = kmeans.kmeans(q, q_init, **km)
@@ -95,13 +95,14 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
   logits = routing.centroid_logits(clusters.q.centroids, clusters.k.centroids, scale)
   log_err = None
   if cfg.routing == "ear":
-    if impl == "pallas" and hasattr(_pallas(), "ear_error_probe"):
+    if impl == "pallas":
       if k_perm is None:
         lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
         k_perm, v_perm = permutation.permute(k, lay.perm), permutation.permute(v, lay.perm)
-      log_err, _ = _pallas().ear_error_probe(
+      log_err = _pallas().ear_error_probe(
           clusters.q.centroids, k_perm, v_perm, clusters.k.centroids, clusters.v_centroids,
-          clusters.k.sizes, sm_scale=scale, interpret=_interpret())
+          clusters.k.sizes, sm_scale=scale, interpret=_interpret(),
+          **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
       log_err = error_probe.error_probe_xla(
           clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,

@@ -260,3 +260,18 @@ def test_inside_flax_nnx_module():
   out2 = step(mod, q, k, v)
   assert int(mod.calls[...]) == 2 and np.abs(c1).sum() > 0
   assert _rel(out2, out1) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("routing_name", ["ear", "topp"])
+def test_pallas_matches_xla(dtype, routing_name):
+  # On CPU the kernels run in Pallas interpret mode; on the H100 they are compiled.
+  q, k, v = _qkv(10, b=2, s=300, h=2, d=32, dtype=dtype)
+  cfg = SvgEarConfig(routing=routing_name, num_q_clusters=6, num_k_clusters=20, kmeans_iters=5)
+  out_x, aux_x = svg_ear_attention(q, k, v, cfg.replace(implementation="xla"), return_aux=True)
+  out_p, aux_p = svg_ear_attention(q, k, v, cfg.replace(implementation="pallas"),
+                                   return_aux=True)
+  assert out_p.dtype == dtype
+  np.testing.assert_allclose(aux_p.density, aux_x.density, atol=0.02)
+  assert _rel(out_p.astype(jnp.float32), out_x.astype(jnp.float32)) < (
+      1e-2 if dtype == jnp.bfloat16 else 5e-3)

@@ -1,0 +1,94 @@
+"""EAR probe and k-means assignment kernels vs their jnp references (GPU class + interpret)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (ear_error_probe, ear_error_probe_reference, kmeans_assign,
+                            kmeans_assign_reference)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _probe_problem(seed, g=2, s=300, d=24, kq=70, kk=20, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  labels = np.sort(rng.integers(0, kk - 2, (g, s)), axis=1)  # permuted order; 2 empty clusters
+  labels[:, :40] = 0  # a cluster longer than a tile
+  labels[:, 40] = 1  # a singleton
+  labels = np.sort(labels, axis=1)
+  sizes = np.stack([np.bincount(x, minlength=kk) for x in labels])
+  k = rng.normal(size=(g, s, d))
+  v = rng.normal(size=(g, s, d))
+  kc = np.stack([[k[h][labels[h] == j].mean(0) if sizes[h, j] else np.zeros(d)
+                  for j in range(kk)] for h in range(g)])
+  vc = np.stack([[v[h][labels[h] == j].mean(0) if sizes[h, j] else np.zeros(d)
+                  for j in range(kk)] for h in range(g)])
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  # the kernel's dot runs in k's dtype: round the centroids the same way for the reference
+  qc = f(rng.normal(size=(g, kq, d)) * 1.5).astype(dtype).astype(jnp.float32)
+  return (qc, f(k).astype(dtype), f(v).astype(dtype), f(kc), f(vc), jnp.asarray(sizes, jnp.int32))
+
+
+class KernelTest:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _device(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("compiled Pallas-Triton kernels need a GPU (the interpret class runs on CPU)")
+
+  @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+  def test_probe_matches_reference(self, dtype, atol):
+    args = _probe_problem(0, dtype=dtype)
+    scale = args[1].shape[-1] ** -0.5
+    out = ear_error_probe(*args, sm_scale=scale, block_qc=16, block_k=16,
+                                      interpret=self.INTERPRET)
+    ref = ear_error_probe_reference(*args, sm_scale=scale)
+    out, ref = np.asarray(out), np.asarray(ref)
+    empty = (np.asarray(args[-1]) == 0)[:, None, :].repeat(out.shape[1], 1)
+    assert np.all(np.isneginf(out[empty])) and np.all(np.isneginf(ref[empty]))
+    # a singleton's error is 0 up to rounding (its centroid is its token): compare the
+    # blocks whose error is not lost in cancellation, in the log domain
+    clear = ~empty & (ref > -8.0)
+    assert clear.mean() > 0.8
+    np.testing.assert_allclose(out[clear], ref[clear], atol=atol,
+                               rtol=0 if dtype == jnp.float32 else 1e-2)
+
+  def test_probe_huge_logits_stay_finite(self):
+    qc, *rest = _probe_problem(1)
+    out = ear_error_probe(qc * 60, *rest, sm_scale=0.2, block_qc=16, block_k=16,
+                                      interpret=self.INTERPRET)
+    multi = np.asarray(rest[-1])[0] > 1  # singletons' errors are 0 up to rounding
+    assert np.all(np.isfinite(np.asarray(out)[0][:, multi]))
+    assert float(jnp.max(out)) > 88.0  # beyond float32's exp range
+
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  @pytest.mark.parametrize("n,k,d", [(333, 37, 24), (256, 64, 64), (50, 300, 16)])
+  def test_assign_matches_reference(self, dtype, n, k, d):
+    rng = np.random.default_rng(n + k)
+    x = jnp.asarray(rng.normal(size=(2, n, d)), jnp.float32).astype(dtype)
+    c = jnp.asarray(rng.normal(size=(2, k, d)), jnp.float32)
+    got = kmeans_assign(x, c, block_n=32, block_k=16, interpret=self.INTERPRET)
+    want = kmeans_assign_reference(x, c)
+    assert got.dtype == jnp.int32 and got.shape == (2, n)
+    # exact in interpret mode; on GPU, accumulation order may flip near-ties only
+    assert float(jnp.mean(got == want)) >= (1.0 if self.INTERPRET else 0.995)
+
+  def test_assign_ties_go_to_the_lowest_index(self):
+    x = jnp.zeros((1, 32, 16), jnp.float32)
+    c = jnp.zeros((1, 40, 16), jnp.float32)  # every centroid at the same distance
+    got = kmeans_assign(x, c, block_n=32, block_k=16, interpret=self.INTERPRET)
+    assert bool(jnp.all(got == 0))
+
+  def test_bad_blocks(self):
+    with pytest.raises(ValueError, match="power of two"):
+      kmeans_assign(jnp.zeros((1, 8, 16)), jnp.zeros((1, 4, 16)), block_n=48)
+
+
+class KernelInterpretTest(KernelTest):
+  INTERPRET = True
+
+
+TestKernels = KernelTest
+TestKernelsInterpret = KernelInterpretTest
