@@ -42,7 +42,7 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
   qc = qc.astype(k_ref.dtype)
   t0 = jnp.arange(block_k)
 
-  def cluster(j, _):
+  def cluster(j, carry):
     start = off_ref[j]
     n = size_ref[j]
     c = plgpu.load(c_ref.at[j * num_q + rows_q], mask=q_ok, other=0.)
@@ -70,9 +70,9 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
     err = sq - 2.0 * pc * cr + pc * pc * vcsq_ref[j] * n.astype(jnp.float32)
     log_err = jnp.where(err > 0, jnp.log(jnp.where(err > 0, err, 1.0)) + 2.0 * m, -jnp.inf)
     plgpu.store(o_ref.at[j * num_q + rows_q], log_err, mask=q_ok)
-    return 0
+    return carry
 
-  lax.fori_loop(jnp.int32(0), jnp.int32(num_k_clusters), cluster, 0)
+  lax.fori_loop(jnp.int32(0), jnp.int32(num_k_clusters), cluster, jnp.int32(0))
 
 
 def _next_pow2(n: int) -> int:
