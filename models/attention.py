@@ -93,7 +93,8 @@ def matching_state(state: Optional[SvgEarState],
 
 
 def svg_ear_self_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, state: Optional[SvgEarState]
+    q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, state: Optional[SvgEarState],
+    *, num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None
 ) -> Tuple[jax.Array, Optional[SvgEarState], jax.Array]:
   """One layer's SVG-EAR attention with its state in and out.
 
@@ -101,12 +102,15 @@ def svg_ear_self_attention(
     q, k, v: [B, S, H, D].
     cfg: static SVG-EAR config.
     state: this layer's centroids from the previous call, or None (cold k-means).
+    num_dense_tokens, key_mask: trailing dense (text) tokens and key validity [B, S], as in
+      `svg_ear_attention`.
 
   Returns:
     (out [B, S, H, D], new state (None only for routing="dense" without a state),
     density [B, H] float32).
   """
-  out, aux = svg_ear_attention(q, k, v, cfg, state=state, return_aux=True)
+  out, aux = svg_ear_attention(q, k, v, cfg, state=state, return_aux=True,
+                               num_dense_tokens=num_dense_tokens, key_mask=key_mask)
   new_state = aux.state
   if new_state is not None:
     new_state = SvgEarState(q_centroids=new_state.q_centroids.astype(jnp.float32),

@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from svg_ear_jax import SvgEarConfig, SvgEarState, svg_ear_attention
+from models.attention import svg_ear_self_attention
+from svg_ear_jax import SvgEarConfig, SvgEarState
 from svg_ear_jax.dense import cudnn_supported
 
 
@@ -83,10 +84,5 @@ def svg_ear_joint_attention(
     (out [B, S, H, D], new state (float32; None only for routing="dense" without a
     state), density [B, H] float32).
   """
-  out, aux = svg_ear_attention(q, k, v, cfg, state=state, return_aux=True,
-                               num_dense_tokens=num_text, key_mask=key_mask)
-  new_state = aux.state
-  if new_state is not None:
-    new_state = SvgEarState(q_centroids=new_state.q_centroids.astype(jnp.float32),
-                            k_centroids=new_state.k_centroids.astype(jnp.float32))
-  return out, new_state, aux.density
+  return svg_ear_self_attention(q, k, v, cfg, state, num_dense_tokens=num_text,
+                                key_mask=key_mask)

@@ -231,3 +231,15 @@ def test_converted_folder_checks(checkpoint, tmp_path):
 def test_torch_pickle_without_torch(tmp_path):
   (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"PK")
   _convert_fails(tmp_path, tmp_path, "reading a torch pickle needs torch")
+
+
+def test_cli(checkpoint, tmp_path, capsys):
+  from models.cli import main as cli_main
+  _, folder = checkpoint("diffusers")
+  dst = tmp_path / "cli_out"
+  assert cli_main(["hunyuan", str(folder), str(dst), "--dtype", "fp32", "--quiet"]) == 0
+  assert "wrote" in capsys.readouterr().out
+  restored = from_pretrained(dst)
+  assert restored.config.num_layers == tiny_config().num_layers
+  assert cli_main(["hunyuan", str(folder), str(dst), "--quiet"]) == 1  # exists
+  assert "error" in capsys.readouterr().err
