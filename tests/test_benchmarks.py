@@ -31,3 +31,12 @@ def test_quality_sweep_writes_results_and_ear_wins(tmp_path):
   assert len(data["rows"]) == 2 * len(quality.METHODS)
   assert quality.check_ear_wins(data["rows"]) == []
   assert "lowest error" in data["meta"]["verdict"]
+
+
+def test_model_benchmark_tiny(tmp_path):
+  from benchmarks import model
+  assert model.main(["--model", "wan", "--preset", "tiny", "--iters", "1",
+                     "--out", str(tmp_path / "m")]) == 0
+  rows = json.loads((tmp_path / "m.json").read_text())
+  assert [r["policy"] for r in rows] == ["dense", "svg_ear_0.25"]
+  assert rows[1]["mean_sparse_density"] is not None and rows[0]["speedup_vs_dense"] == 1.0
