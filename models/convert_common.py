@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -415,3 +416,39 @@ def read_json(path: os.PathLike) -> Optional[Dict[str, Any]]:
 def write_json(path: os.PathLike, data: Mapping[str, Any]) -> None:
   Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
+
+
+MARKER = "svg_ear_jax.json"  # marks a converted (Orbax) folder
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+           "f32": "float32", "fp16": "float16", "float16": "float16", "f16": "float16"}
+
+
+def parse_dtype(dtype: Any) -> np.dtype:
+  """"bf16" / "fp32" / "fp16" (or long names, or a dtype) -> a JAX dtype."""
+  if isinstance(dtype, str):
+    if dtype.lower() not in _DTYPES:
+      raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return jnp.dtype(_DTYPES[dtype.lower()])
+  return jnp.dtype(dtype)
+
+
+def read_marker(folder: Path, fmt: str, version: int) -> Optional[Dict[str, Any]]:
+  """The converted-folder marker of `folder` (None if absent); another format or version is
+  a `CheckpointError`."""
+  marker = read_json(folder / MARKER)
+  if marker is not None and (marker.get("format") != fmt or marker.get("version") != version):
+    raise CheckpointError(f"{folder / MARKER}: not a version-{version} {fmt} checkpoint "
+                          f"({marker.get('format')} v{marker.get('version')})")
+  return marker
+
+
+def check_variant(found: Any, wanted: Any, name: str, location: Path) -> None:
+  """Raises "wrong variant" naming the fields where config `found` (from the checkpoint)
+  differs from `wanted`; both have `architecture()` and `describe()`."""
+  got, want = found.architecture(), wanted.architecture()
+  diffs = [f"{k}: {got[k]} in the checkpoint, {want[k]} requested" for k in want
+           if got[k] != want[k]]
+  if diffs:
+    raise CheckpointError(f"wrong variant: {location} holds a {found.describe()}, not the "
+                          f"requested {name} ({'; '.join(diffs)})")

@@ -25,7 +25,7 @@ Layout = Literal["diffusers", "original"]
 Variant = Union[None, str, WanConfig]
 
 ORIGINAL_PREFIX = "model.diffusion_model."
-MARKER = "svg_ear_jax.json"  # marks a converted (Orbax) folder
+MARKER = cc.MARKER
 FORMAT = "svg-ear-jax/wan"
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
@@ -33,18 +33,7 @@ PARAMS_DIR = "params"
 PAIR_DIRS = {"diffusers": ("transformer", "transformer_2"),
              "original": ("high_noise_model", "low_noise_model")}
 
-_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32,
-           "float32": jnp.float32, "f32": jnp.float32, "fp16": jnp.float16,
-           "float16": jnp.float16, "f16": jnp.float16}
-
-
-def parse_dtype(dtype: Any) -> jnp.dtype:
-  """"bf16" / "fp32" / "fp16" (or long names, or a dtype) -> jnp.dtype."""
-  if isinstance(dtype, str):
-    if dtype.lower() not in _DTYPES:
-      raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return jnp.dtype(_DTYPES[dtype.lower()])
-  return jnp.dtype(dtype)
+parse_dtype = cc.parse_dtype
 
 
 def key_table(cfg: WanConfig) -> List[Tuple[str, str, cc.Rule]]:
@@ -181,12 +170,7 @@ def resolve_variant(variant: Variant, found: WanConfig, location: Path) -> WanCo
     return found
   wanted = _variant_config(variant)
   name = variant if isinstance(variant, str) else wanted.variant_name() or "custom"
-  got, want = found.architecture(), wanted.architecture()
-  diffs = [f"{k}: {got[k]} in the checkpoint, {want[k]} requested" for k in want
-           if got[k] != want[k]]
-  if diffs:
-    raise cc.CheckpointError(f"wrong variant: {location} holds a {found.describe()}, not the "
-                             f"requested {name} ({'; '.join(diffs)})")
+  cc.check_variant(found, wanted, name, location)
   return wanted
 
 
@@ -232,12 +216,7 @@ def _write_converted(model: WanTransformer, folder: Path) -> None:
 
 
 def _read_marker(folder: Path) -> Optional[Dict[str, Any]]:
-  marker = cc.read_json(folder / MARKER)
-  if marker is not None and (marker.get("format") != FORMAT
-                             or marker.get("version") != FORMAT_VERSION):
-    raise cc.CheckpointError(f"{folder / MARKER}: not a version-{FORMAT_VERSION} {FORMAT} "
-                             f"checkpoint ({marker.get('format')} v{marker.get('version')})")
-  return marker
+  return cc.read_marker(folder, FORMAT, FORMAT_VERSION)
 
 
 def load_converted(folder: os.PathLike, *, dtype: Any = None, variant: Variant = None,
