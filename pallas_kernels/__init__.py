@@ -7,7 +7,10 @@ from pallas_kernels.error_probe import ear_error_probe, ear_error_probe_referenc
 from pallas_kernels.kmeans_assign import kmeans_assign, kmeans_assign_reference
 from pallas_kernels.packed_attention import (packed_metadata, packed_sparse_attention,
                                              packed_sparse_attention_reference, padding_waste)
+from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from pallas_kernels.sparse_layout import sparse_attention_metadata
 
 __all__ = ["ear_error_probe", "ear_error_probe_reference", "kmeans_assign",
            "kmeans_assign_reference", "packed_metadata", "packed_sparse_attention",
-           "packed_sparse_attention_reference", "padding_waste"]
+           "packed_sparse_attention_reference", "padding_waste", "sparse_attention",
+           "sparse_attention_metadata", "sparse_attention_reference"]

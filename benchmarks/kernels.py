@@ -1,0 +1,193 @@
+"""H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
+
+  python -m benchmarks.kernels [sweep|final|smoke] [budget_s]
+
+Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
+Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
+measurement (also appended to $OUT/gpu_log.jsonl).
+"""
+
+import functools
+import importlib
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from pallas_kernels import sparse_layout as sl
+
+sa = importlib.import_module("pallas_kernels.sparse_attention")  # the package shadows it
+
+_LOG = os.path.join(os.environ.get("OUT", "/tmp"), "gpu_log.jsonl")
+
+
+def emit(**kw):
+  line = json.dumps(kw, default=float)
+  print(line, flush=True)
+  with open(_LOG, "a") as f:
+    f.write(line + "\n")
+
+
+def measure_ms(fn, *args, iterations=5):
+  return timing.measure_ms(fn, *args, iterations=iterations)
+
+
+def wan_problem(g=40, s=75600, d=128, kq=300, kk=1000, density=0.25, seed=0):
+  rng = np.random.default_rng(seed)
+
+  def sizes(k):
+    sz = np.floor(rng.dirichlet(np.full(k, 2.0), size=g) * s).astype(np.int64)
+    sz[:, 0] += s - sz.sum(1)
+    return sz
+
+  q_sizes, k_sizes = sizes(kq), sizes(kk)
+  block_map = rng.random((g, kq, kk)) < density
+  area = float((q_sizes[:, :, None] * k_sizes[:, None, :] * block_map).sum())
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q, k, v = (jax.random.normal(kx, (g, s, d), jnp.bfloat16) for kx in keys[:3])
+  kc = jax.random.normal(keys[3], (g, kk, d), jnp.float32) * 0.3
+  vc = jax.random.normal(keys[4], (g, kk, d), jnp.float32) * 0.1
+  args = (q, k, v, jnp.asarray(q_sizes, jnp.int32), jnp.asarray(k_sizes, jnp.int32),
+          jnp.asarray(block_map), kc, vc)
+  return args, area
+
+
+def rows_reference(args, h, i, compensation, sm_scale):
+  """Float64 numpy output of query cluster i of head h (rows of the permuted order)."""
+  as_np = lambda a: np.asarray(a[h]).astype(np.float64) if a.ndim > 2 else np.asarray(a[h])
+  q, k, v, qs, ks, kc, vc = map(as_np, args[:5] + args[6:])
+  bm = np.asarray(args[5][h])
+  q_off = np.cumsum(qs) - qs
+  k_lab = np.repeat(np.arange(ks.shape[0]), ks)
+  qi = q[q_off[i]:q_off[i] + qs[i]]
+  logits = np.where(bm[i][k_lab][None], qi @ k.T * sm_scale, -np.inf)
+  vals = v
+  if compensation:
+    pseudo = qi @ kc.T * sm_scale + np.log(np.maximum(ks, 1))[None]
+    pseudo = np.where((~bm[i] & (ks > 0))[None], pseudo, -np.inf)
+    logits = np.concatenate([logits, pseudo], 1)
+    vals = np.concatenate([vals, vc], 0)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return (p @ vals) / p.sum(1, keepdims=True), slice(q_off[i], q_off[i] + qs[i])
+
+
+SWEEP = [
+    dict(block_q=64, block_k=64, block_c=64, num_warps=4, num_stages=3),
+    dict(block_q=64, block_k=64, block_c=64, num_warps=4, num_stages=3, layout="flat"),
+    dict(block_q=128, block_k=64, block_c=64, num_warps=8, num_stages=3),
+    dict(block_q=128, block_k=64, block_c=64, num_warps=8, num_stages=3, tail_block_q=64),
+    dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2),
+    dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2, tail_block_q=64),
+    dict(block_q=128, block_k=64, block_c=64, num_warps=4, num_stages=3, tail_block_q=64),
+    dict(block_q=64, block_k=128, block_c=64, num_warps=4, num_stages=2),
+    dict(block_q=64, block_k=64, block_c=64, num_warps=4, num_stages=4),
+    dict(block_q=128, block_k=64, block_c=128, num_warps=8, num_stages=4, tail_block_q=64),
+]
+
+
+def attention(configs, budget_end, with_index=True, baseline=True, problem=None,
+              interpret=False):
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  scale = d ** -0.5
+  emit(what="problem", G=g, S=s, D=d, Kq=args[5].shape[1], Kk=args[5].shape[2],
+       density=area / (g * s * s))
+  qd = args[0][None].transpose(0, 2, 1, 3)  # [1, S, G, D]
+  dense = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
+  try:
+    ms, how = measure_ms(dense, qd, qd, qd)
+    emit(what="cudnn_dense", ms=ms, tflops=4 * d * s * s * g / ms / 1e9, timing=how)
+  except Exception as e:  # no cuDNN (CPU smoke run)
+    emit(what="cudnn_dense", error=f"{type(e).__name__}: {str(e)[:200]}")
+  for bk in (64, 128):
+    for layout in ("packed", "flat"):
+      meta = jax.jit(functools.partial(sl.sparse_attention_metadata, seq_len=s, block_q=64,
+                                       block_k=bk, layout=layout))
+      ms, _ = measure_ms(meta, args[5], args[3], args[4])
+      waste = {f"bq{bq}" + (f"+tail{tb}" if tb else ""): float(jnp.mean(sl.padding_waste(
+                   args[5], args[3], args[4], seq_len=s, block_q=bq, block_k=bk, layout=layout,
+                   tail_block_q=tb)))
+               for bq, tb in ((64, None), (128, None), (128, 64))}
+      emit(what="metadata", block_k=bk, layout=layout, ms=ms, useful_over_visited=waste)
+  if baseline:
+    try:
+      from pallas_kernels import packed_attention
+      f = jax.jit(functools.partial(packed_attention.packed_sparse_attention, compensation=True,
+                                    sm_scale=scale))
+      ms, _ = measure_ms(f, *args)
+      emit(what="lead_packed_64", ms=ms, useful_tflops=4 * d * area / ms / 1e9)
+    except Exception as e:  # report and go on
+      emit(what="lead_packed_64", error=f"{type(e).__name__}: {str(e)[:300]}")
+  first = None
+  heads = (0, g // 2, g - 1)
+  kq = args[5].shape[1]
+  refs = [rows_reference(args, h, i, True, scale) for h, i in zip(heads, (0, kq // 2, kq - 1))]
+  for cfg in configs:
+    if time.time() > budget_end:
+      emit(what="skipped", cfg=cfg)
+      continue
+    try:
+      t0 = time.time()
+      f = jax.jit(functools.partial(sa.sparse_attention, compensation=cfg.pop("compensation", True),
+                                    sm_scale=scale, interpret=interpret, **cfg))
+      out = jax.block_until_ready(f(*args))
+      compile_s = time.time() - t0
+      ms, how = measure_ms(f, *args)
+      errs = [float(np.abs(np.asarray(out[h, rows].astype(jnp.float32)) - ref).max())
+              for (ref, rows), h in zip(refs, heads)]
+      nan = bool(jnp.isnan(out).any())
+      if first is None:
+        first = out
+      diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - first.astype(jnp.float32))))
+      emit(what="sparse", cfg=cfg, ms=ms, useful_tflops=4 * d * area / ms / 1e9,
+           max_err_vs_f32_rows=max(errs), max_diff_vs_first=diff, nan=nan,
+           compile_s=compile_s, timing=how)
+    except Exception as e:  # report and go on
+      emit(what="sparse", cfg=cfg, error=f"{type(e).__name__}: {str(e)[:400]}")
+  if with_index and time.time() < budget_end:
+    # same work, K/V/Q read through permutation indices (here: the identity)
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s))
+    cfg = dict(SWEEP[0])
+    f = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
+                                  q_index=idx, kv_index=idx, interpret=interpret, **cfg))
+    try:
+      ms, _ = measure_ms(f, *args)
+      emit(what="sparse_index", cfg=cfg, ms=ms, useful_tflops=4 * d * area / ms / 1e9)
+    except Exception as e:
+      emit(what="sparse_index", error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+def pytest_gpu(paths, timeout):
+  import subprocess
+  cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-k", "not Interpret", *paths]
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    emit(what="pytest", paths=paths, rc=r.returncode, tail=(r.stdout + r.stderr)[-3000:])
+  except subprocess.TimeoutExpired as e:
+    emit(what="pytest", paths=paths, error="timeout", tail=str(e.stdout)[-2000:])
+
+
+def main():
+  mode = sys.argv[1] if len(sys.argv) > 1 else "sweep"
+  budget = float(sys.argv[2]) if len(sys.argv) > 2 else 300.0
+  start = time.time()
+  emit(what="env", jax=jax.__version__, devices=[str(x) for x in jax.devices()])
+  if mode == "sweep":
+    attention([dict(c) for c in SWEEP], start + budget * 0.7)
+    left = budget - (time.time() - start)
+    if left > 30:
+      pytest_gpu(["tests/test_pallas_kernels.py"], left - 10)
+  elif mode == "smoke":  # CPU, interpret mode, tiny shapes: checks this script runs
+    small = [dict(block_q=16, block_k=16, block_c=16),
+             dict(block_q=32, block_k=16, block_c=16, tail_block_q=16, layout="flat")]
+    attention(small, start + budget, baseline=False, interpret=True,
+              problem=dict(g=2, s=600, d=32, kq=6, kk=20))
+
+
+if __name__ == "__main__":
+  main()
