@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing, workloads
-from svg_ear_jax import SvgEarConfig, permutation, pipeline, svg_ear_attention
+from svg_ear_jax import (SvgEarConfig, permutation, pipeline, resolve_implementation,
+                         svg_ear_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,7 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
   rel_err = float(jnp.linalg.norm(diff) / jnp.linalg.norm(dense_out.astype(jnp.float32)))
   dens = float(aux.density.mean())
 
-  impl_name = pipeline_impl = ("pallas" if impl == "auto" and jax.default_backend() == "gpu"
-                               else ("xla" if impl == "auto" else impl))
+  pipeline_impl = resolve_implementation(cfg)
   qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
   g, s, d = qg.shape
   q_init = state.q_centroids.reshape(g, -1, d)
@@ -104,7 +104,7 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
       batch=q.shape[0], seq_len=s, heads=q.shape[2], head_dim=d,
       num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
       routing=routing, budget="top-p 0.9" if density is None else density,
-      implementation=impl_name, density=dens, dense_ms=dense_ms, svg_ear_ms=full_ms,
+      implementation=pipeline_impl, density=dens, dense_ms=dense_ms, svg_ear_ms=full_ms,
       speedup_vs_cudnn=dense_ms / full_ms, rel_err=rel_err, kmeans_ms=kmeans_ms,
       routing_ms=route_ms, attention_ms=attend_ms, sparse_kernel_ms=kernel_ms,
       permutation_ms=(attend_ms - kernel_ms) if np.isfinite(kernel_ms) else float("nan"),
