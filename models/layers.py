@@ -136,3 +136,21 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dt
   """`nnx.Linear` with bias; kernels are (in, out), the transpose of torch's weight."""
   return nnx.Linear(in_features, out_features, use_bias=True, dtype=dtype,
                     param_dtype=param_dtype, precision=matmul_precision(dtype), rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """linear_1 -> activation ("silu" or "gelu_tanh") -> linear_2 (DiT embedders and FFNs)."""
+
+  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, activation: str, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    if activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"MLP activation must be 'silu' or 'gelu_tanh', got {activation!r}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.activation = activation
+    self.linear_1 = linear(d_in, d_hidden, **kw)
+    self.linear_2 = linear(d_hidden, d_out, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.linear_1(x)
+    h = jax.nn.silu(h) if self.activation == "silu" else jax.nn.gelu(h, approximate=True)
+    return self.linear_2(h)

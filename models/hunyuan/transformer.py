@@ -57,22 +57,6 @@ def _gated_add(x: jax.Array, y: jax.Array, gate: jax.Array) -> jax.Array:
   return (x.astype(F32) + y.astype(F32) * gate).astype(x.dtype)
 
 
-class MLP(nnx.Module):
-  """linear_1 -> activation ("silu" or "gelu_tanh") -> linear_2."""
-
-  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, activation: str, dtype: Any,
-               param_dtype: Any, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.activation = activation
-    self.linear_1 = layers.linear(d_in, d_hidden, **kw)
-    self.linear_2 = layers.linear(d_hidden, d_out, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.linear_1(x)
-    h = jax.nn.silu(h) if self.activation == "silu" else jax.nn.gelu(h, approximate=True)
-    return self.linear_2(h)
-
-
 class AdaModulation(nnx.Module):
   """adaLN parameters `Linear(SiLU(temb))` split into `n` vectors (shift / scale / gate)."""
 
@@ -135,8 +119,8 @@ class DoubleStreamBlock(nnx.Module):
     self.norm1 = AdaModulation(d, 6, **kw)
     self.norm1_context = AdaModulation(d, 6, **kw)
     self.attn = JointAttention(cfg, rngs=rngs)
-    self.ff = MLP(d, cfg.mlp_dim, d, activation="gelu_tanh", **kw)
-    self.ff_context = MLP(d, cfg.mlp_dim, d, activation="gelu_tanh", **kw)
+    self.ff = layers.MLP(d, cfg.mlp_dim, d, activation="gelu_tanh", **kw)
+    self.ff_context = layers.MLP(d, cfg.mlp_dim, d, activation="gelu_tanh", **kw)
     self.ln = layers.LayerNorm(d, eps=cfg.eps)
     self.dtype = cfg.dtype
 
@@ -224,7 +208,7 @@ class RefinerBlock(nnx.Module):
     self.norm1 = layers.LayerNorm(d, eps=cfg.eps, affine=True)
     self.attn = RefinerAttention(cfg, rngs=rngs)
     self.norm2 = layers.LayerNorm(d, eps=cfg.eps, affine=True)
-    self.ff = MLP(d, cfg.mlp_dim, d, activation="silu", **kw)
+    self.ff = layers.MLP(d, cfg.mlp_dim, d, activation="silu", **kw)
     self.norm_out = AdaModulation(d, 2, **kw)  # gate_msa, gate_mlp
     self.dtype = cfg.dtype
 
@@ -268,8 +252,8 @@ class TokenRefiner(nnx.Module):
     d = cfg.dim
     f32 = dict(dtype=F32, param_dtype=F32, rngs=rngs)
     self.config = cfg
-    self.timestep_embedder = MLP(cfg.freq_dim, d, d, activation="silu", **f32)
-    self.text_embedder = MLP(cfg.text_dim, d, d, activation="silu", **f32)
+    self.timestep_embedder = layers.MLP(cfg.freq_dim, d, d, activation="silu", **f32)
+    self.text_embedder = layers.MLP(cfg.text_dim, d, d, activation="silu", **f32)
     self.proj_in = layers.linear(cfg.text_dim, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                  rngs=rngs)
     self.refiner_blocks = _stack(cfg, RefinerBlock, cfg.num_refiner_layers, rngs)
@@ -326,10 +310,10 @@ class HunyuanVideoTransformer(nnx.Module):
                                padding="VALID", precision=layers.matmul_precision(cfg.dtype),
                                **kw)
     self.context_embedder = TokenRefiner(cfg, rngs=rngs)
-    self.timestep_embedder = MLP(cfg.freq_dim, d, d, activation="silu", **f32)
-    self.guidance_embedder = (MLP(cfg.freq_dim, d, d, activation="silu", **f32)
+    self.timestep_embedder = layers.MLP(cfg.freq_dim, d, d, activation="silu", **f32)
+    self.guidance_embedder = (layers.MLP(cfg.freq_dim, d, d, activation="silu", **f32)
                               if cfg.guidance_embeds else None)
-    self.text_embedder = MLP(cfg.pooled_projection_dim, d, d, activation="silu", **f32)
+    self.text_embedder = layers.MLP(cfg.pooled_projection_dim, d, d, activation="silu", **f32)
     self.transformer_blocks = _stack(cfg, DoubleStreamBlock, cfg.num_layers, rngs)
     self.single_transformer_blocks = _stack(cfg, SingleStreamBlock, cfg.num_single_layers, rngs)
     self.norm_out = AdaModulation(d, 2, **kw)  # (scale, shift), the diffusers order

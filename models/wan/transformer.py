@@ -54,22 +54,6 @@ class WanAttention(nnx.Module):
     return self.to_out(out.reshape(*out.shape[:2], -1))
 
 
-class WanMLP(nnx.Module):
-  """linear_1 -> activation -> linear_2 (time embedder: SiLU; text embedder, FFN: GELU-tanh)."""
-
-  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, activation: str, dtype,
-               param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.activation = activation
-    self.linear_1 = layers.linear(d_in, d_hidden, **kw)
-    self.linear_2 = layers.linear(d_hidden, d_out, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.linear_1(x)
-    h = jax.nn.silu(h) if self.activation == "silu" else jax.nn.gelu(h, approximate=True)
-    return self.linear_2(h)
-
-
 class WanBlock(nnx.Module):
   """adaLN-modulated self-attention, cross-attention to text, and feed-forward."""
 
@@ -81,8 +65,8 @@ class WanBlock(nnx.Module):
     self.norm2 = layers.LayerNorm(d, eps=cfg.eps, affine=True) if cfg.cross_attn_norm else None
     self.attn2 = WanAttention(cfg, rngs=rngs)
     self.norm3 = layers.LayerNorm(d, eps=cfg.eps)
-    self.ffn = WanMLP(d, cfg.ffn_dim, d, activation="gelu_tanh", dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, rngs=rngs)
+    self.ffn = layers.MLP(d, cfg.ffn_dim, d, activation="gelu_tanh", dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, rngs=rngs)
     self.scale_shift_table = nnx.Param(
         jax.random.normal(rngs.params(), (1, 6, d), jnp.float32) / d**0.5)
 
@@ -147,10 +131,10 @@ class WanTransformer(nnx.Module):
                                     strides=cfg.patch_size, padding="VALID", dtype=cfg.dtype,
                                     param_dtype=cfg.param_dtype,
                                     precision=layers.matmul_precision(cfg.dtype), rngs=rngs)
-    self.time_embedder = WanMLP(cfg.freq_dim, d, d, activation="silu", **f32)
+    self.time_embedder = layers.MLP(cfg.freq_dim, d, d, activation="silu", **f32)
     self.time_proj = layers.linear(d, 6 * d, **f32)
-    self.text_embedder = WanMLP(cfg.text_dim, d, d, activation="gelu_tanh", dtype=cfg.dtype,
-                                param_dtype=cfg.param_dtype, rngs=rngs)
+    self.text_embedder = layers.MLP(cfg.text_dim, d, d, activation="gelu_tanh",
+                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
