@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import common
+
 _HI = lax.Precision.HIGHEST
 
 
@@ -75,9 +77,6 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
   lax.fori_loop(jnp.int32(0), jnp.int32(num_k_clusters), cluster, jnp.int32(0))
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << (max(n, 1) - 1).bit_length()
-
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_qc", "block_k", "num_warps",
                                              "num_stages", "interpret"))
@@ -103,14 +102,13 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   g, kq, d = q_centroids.shape
   kk = k_sizes.shape[-1]
   for name, b in (("block_qc", block_qc), ("block_k", block_k)):
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
+    common.check_block(name, b)
   k_sizes = k_sizes.astype(jnp.int32)
   vsq, cross = _value_stats(v, k_sizes, v_centroids)
   logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
                       k_centroids.astype(jnp.float32), precision=_HI) * sm_scale
   vc_sq = jnp.sum(jnp.square(v_centroids.astype(jnp.float32)), -1)
-  dp = max(16, _next_pow2(d))
+  dp = max(16, common.next_pow2(d))
   qc = q_centroids.astype(jnp.float32)
   if dp != d:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, dp - d)))

@@ -16,6 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import common
+
 _HI = lax.Precision.HIGHEST
 
 
@@ -47,9 +49,6 @@ def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_c
   plgpu.store(o_ref.at[rows], arg, mask=ok)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << (max(n, 1) - 1).bit_length()
-
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages",
                                              "interpret"))
@@ -69,11 +68,10 @@ def kmeans_assign(x, centroids, *, block_n: int = 128, block_k: int = 64, num_wa
   g, n, d = x.shape
   k = centroids.shape[1]
   for name, b in (("block_n", block_n), ("block_k", block_k)):
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
+    common.check_block(name, b)
   c = centroids.astype(x.dtype)
   c_sq = jnp.sum(jnp.square(c.astype(jnp.float32)), -1)
-  dp = max(16, _next_pow2(d))
+  dp = max(16, common.next_pow2(d))
   if dp != d:
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, dp - d)))
     x, c = pad(x), pad(c)

@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import common
+
 _BIG = 2 ** 30
 _LOG2E = 1.4426950408889634
 W_FAST = 8
@@ -187,9 +189,6 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_qend_ref, ends_ref, base_ref, dbase_re
               mask=(q_ok & live)[:, None])
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << (max(n, 1) - 1).bit_length()
-
 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "block_q", "block_k", "block_c", "num_warps", "num_stages",
@@ -221,9 +220,8 @@ def packed_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v
   g, s, d = q.shape
   kq, kk = block_map.shape[1:]
   for name, b in (("block_q", block_q), ("block_k", block_k), ("block_c", block_c)):
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
-  dp = max(16, _next_pow2(d))
+    common.check_block(name, b)
+  dp = max(16, common.next_pow2(d))
   if dp != d:  # zero columns change no dot product; the padded output columns are cut off
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, dp - d)))
     q, k, v, k_centroids, v_centroids = map(pad, (q, k, v, k_centroids, v_centroids))

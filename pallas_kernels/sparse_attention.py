@@ -20,18 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import common
+
 from pallas_kernels import sparse_layout
 
 _LOG2E = math.log2(math.e)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << (max(n, 1) - 1).bit_length()
-
-
-def _check_block(name: str, b: int):
-  if b < 16 or b & (b - 1):
-    raise ValueError(f"{name}={b} must be a power of two >= 16")
 
 
 def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, num_rows,
@@ -44,7 +39,7 @@ def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, 
   q0 = r["tile_q0"][t]
   q_end = r["tile_qend"][t]
   live = q0 < q_end
-  dp = _next_pow2(head_dim)
+  dp = common.next_pow2(head_dim)
   cols = jnp.arange(dp)
   col_ok = cols < head_dim
 
@@ -211,9 +206,9 @@ def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, 
   g, s, _ = q.shape
   kk = block_map.shape[-1]
   for name, b in (("block_q", block_q), ("block_k", block_k), ("block_c", block_c)):
-    _check_block(name, b)
+    common.check_block(name, b)
   if tail_block_q is not None:
-    _check_block("tail_block_q", tail_block_q)
+    common.check_block("tail_block_q", tail_block_q)
     if tail_block_q >= block_q:
       raise ValueError("tail_block_q must be smaller than block_q")
   md = sparse_layout.sparse_attention_metadata(
