@@ -78,6 +78,21 @@ class AttentionPolicy:
 AttentionLike = Union[None, str, SvgEarConfig, AttentionPolicy]
 
 
+class SparseAttentionMixin:
+  """`set_attention` / `reset_attention_state` for a DiT that holds `attention_policy`,
+  `kmeans_state` (KMeansState) and `attention_density` (AttentionDensity)."""
+
+  def set_attention(self, attention: AttentionLike) -> None:
+    """Switches the attention policy (dense <-> SVG-EAR) and resets the k-means state."""
+    self.attention_policy = AttentionPolicy.coerce(attention)
+    self.reset_attention_state()
+
+  def reset_attention_state(self) -> None:
+    """Forgets every layer's k-means centroids: the next call cold-starts k-means."""
+    self.kmeans_state.set_value(None)
+    self.attention_density.set_value(None)
+
+
 def matching_state(state: Optional[SvgEarState],
                    shape_q: Tuple[int, ...], shape_k: Tuple[int, ...]) -> Optional[SvgEarState]:
   """`state` if its centroid shapes are `shape_q` / `shape_k`, else None (cold restart).

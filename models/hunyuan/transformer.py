@@ -11,7 +11,7 @@ from flax import nnx
 
 from models import layers
 from models.attention import (AttentionDensity, AttentionLike, AttentionPolicy, KMeansState,
-                              matching_state)
+                              SparseAttentionMixin, matching_state)
 from models.hunyuan import joint_attention as ja
 from models.hunyuan.config import HunyuanConfig
 
@@ -276,7 +276,7 @@ class TokenRefiner(nnx.Module):
     return x
 
 
-class HunyuanVideoTransformer(nnx.Module):
+class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
   """HunyuanVideo DiT: `[B, C, F, H, W]` noisy latents -> `[B, C_out, F, H, W]` prediction.
 
   20 double-stream blocks (video and text streams with their own weights, one joint
@@ -321,16 +321,6 @@ class HunyuanVideoTransformer(nnx.Module):
     self.proj_out = layers.linear(d, cfg.out_channels * math.prod(cfg.patch), **kw)
     self.kmeans_state = KMeansState(None)
     self.attention_density = AttentionDensity(None)
-
-  def set_attention(self, attention: AttentionLike) -> None:
-    """Switches the joint-attention policy (dense <-> SVG-EAR) and resets the k-means state."""
-    self.attention_policy = AttentionPolicy.coerce(attention)
-    self.reset_attention_state()
-
-  def reset_attention_state(self) -> None:
-    """Forgets every layer's k-means centroids: the next call cold-starts k-means."""
-    self.kmeans_state.set_value(None)
-    self.attention_density.set_value(None)
 
   def _check_inputs(self, hidden_states, timestep, text, text_mask, pooled, guidance):
     cfg = self.config

@@ -9,7 +9,7 @@ from flax import nnx
 
 from models import layers
 from models.attention import (AttentionDensity, AttentionLike, AttentionPolicy, KMeansState,
-                              matching_state, svg_ear_self_attention)
+                              SparseAttentionMixin, matching_state, svg_ear_self_attention)
 from models.wan.config import WanConfig
 from svg_ear_jax import dense_attention
 
@@ -92,7 +92,7 @@ class WanBlock(nnx.Module):
     return x
 
 
-class WanTransformer(nnx.Module):
+class WanTransformer(SparseAttentionMixin, nnx.Module):
   """Wan2.2 DiT: `[B, C, F, H, W]` noisy latents -> `[B, C_out, F, H, W]` flow prediction.
 
   Covers T2V-A14B and I2V-A14B (one expert each; see `WanExpertPair`) and TI2V-5B
@@ -149,16 +149,6 @@ class WanTransformer(nnx.Module):
         jax.random.normal(rngs.params(), (1, 2, d), jnp.float32) / d**0.5)
     self.kmeans_state = KMeansState(None)
     self.attention_density = AttentionDensity(None)
-
-  def set_attention(self, attention: AttentionLike) -> None:
-    """Switches the self-attention policy (dense <-> SVG-EAR) and resets the k-means state."""
-    self.attention_policy = AttentionPolicy.coerce(attention)
-    self.reset_attention_state()
-
-  def reset_attention_state(self) -> None:
-    """Forgets every layer's k-means centroids: the next call cold-starts k-means."""
-    self.kmeans_state.set_value(None)
-    self.attention_density.set_value(None)
 
   def _grid(self, shape) -> Tuple[int, int, int]:
     cfg = self.config
