@@ -1,10 +1,16 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|final|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|smoke] [budget_s]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
 measurement (also appended to $OUT/gpu_log.jsonl).
+
+  sweep:  layouts and tile sizes on pre-sorted inputs, then the GPU kernel tests.
+  inputs: how the kernel gets its inputs, with random permutations: sorted copies made by
+          XLA (gather, kernel, inverse gather) vs reading through the permutation indices,
+          heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
+  smoke:  CPU interpret-mode run of `sweep` on tiny shapes (checks this script).
 """
 
 import functools
@@ -90,8 +96,7 @@ SWEEP = [
 ]
 
 
-def attention(configs, budget_end, with_index=True, baseline=True, problem=None,
-              interpret=False):
+def attention(configs, budget_end, with_index=True, problem=None, interpret=False):
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
   scale = d ** -0.5
@@ -114,15 +119,6 @@ def attention(configs, budget_end, with_index=True, baseline=True, problem=None,
                    tail_block_q=tb)))
                for bq, tb in ((64, None), (128, None), (128, 64))}
       emit(what="metadata", block_k=bk, layout=layout, ms=ms, useful_over_visited=waste)
-  if baseline:
-    try:
-      from pallas_kernels import packed_attention
-      f = jax.jit(functools.partial(packed_attention.packed_sparse_attention, compensation=True,
-                                    sm_scale=scale))
-      ms, _ = measure_ms(f, *args)
-      emit(what="lead_packed_64", ms=ms, useful_tflops=4 * d * area / ms / 1e9)
-    except Exception as e:  # report and go on
-      emit(what="lead_packed_64", error=f"{type(e).__name__}: {str(e)[:300]}")
   first = None
   heads = (0, g // 2, g - 1)
   kq = args[5].shape[1]
@@ -172,6 +168,62 @@ def pytest_gpu(paths, timeout):
     emit(what="pytest", paths=paths, error="timeout", tail=str(e.stdout)[-2000:])
 
 
+def inputs(configs, budget_end, problem=None, interpret=False):
+  """Sorted copies vs permutation indices vs tokens-first, on random permutations."""
+  (q, k, v, *rest), area = wan_problem(**(problem or {}))
+  g, s, d = q.shape
+  scale = d ** -0.5
+  rng = np.random.default_rng(1)
+  q_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+  kv_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+  heads = jnp.arange(g)[:, None]
+  unsort = lambda x, idx: jnp.zeros_like(x).at[heads, idx].set(x)  # token order
+  qt, kt, vt = unsort(q, q_idx), unsort(k, kv_idx), unsort(v, kv_idx)
+  tokens_first = lambda x: x.reshape(1, g, s, d).transpose(0, 2, 1, 3)
+  q4, k4, v4 = tokens_first(qt), tokens_first(kt), tokens_first(vt)
+  emit(what="problem", G=g, S=s, D=d, density=area / (g * s * s))
+  ref = None
+  for cfg in configs:
+    for mode in ("copies", "index", "tokens_first"):
+      if time.time() > budget_end:
+        emit(what="skipped", cfg=cfg, mode=mode)
+        continue
+      kernel = functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
+                                 interpret=interpret, **cfg)
+      if mode == "copies":
+        take = lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=1)
+
+        def f(q, k, v, *rest):
+          out = kernel(take(q, q_idx), take(k, kv_idx), take(v, kv_idx), *rest)
+          return unsort(out, q_idx)
+        xs = (qt, kt, vt)
+      elif mode == "index":
+        f = lambda *a: kernel(*a, q_index=q_idx, kv_index=kv_idx)
+        xs = (qt, kt, vt)
+      else:
+        f = lambda *a: kernel(*a, q_index=q_idx, kv_index=kv_idx).transpose(0, 2, 1, 3)[0]
+        xs = (q4, k4, v4)
+      try:
+        f = jax.jit(f)
+        out = jax.block_until_ready(f(*xs, *rest))
+        ms, how = measure_ms(f, *xs, *rest)
+        ref = out if ref is None else ref
+        diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        emit(what="inputs", cfg=cfg, mode=mode, ms=ms, useful_tflops=4 * d * area / ms / 1e9,
+             max_diff_vs_first=diff, mem_gb=timing.compiled_memory_gb(f, *xs, *rest),
+             timing=how)
+      except Exception as e:  # report and go on
+        emit(what="inputs", cfg=cfg, mode=mode, error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+INPUT_CONFIGS = [
+    dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2, tail_block_q=64),
+    dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=3, tail_block_q=64),
+    dict(block_q=128, block_k=64, block_c=64, num_warps=8, num_stages=3, tail_block_q=64),
+    dict(block_q=64, block_k=64, block_c=64, num_warps=4, num_stages=3),
+]
+
+
 def main():
   mode = sys.argv[1] if len(sys.argv) > 1 else "sweep"
   budget = float(sys.argv[2]) if len(sys.argv) > 2 else 300.0
@@ -182,11 +234,14 @@ def main():
     left = budget - (time.time() - start)
     if left > 30:
       pytest_gpu(["tests/test_pallas_kernels.py"], left - 10)
+  elif mode == "inputs":
+    inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
   elif mode == "smoke":  # CPU, interpret mode, tiny shapes: checks this script runs
     small = [dict(block_q=16, block_k=16, block_c=16),
              dict(block_q=32, block_k=16, block_c=16, tail_block_q=16, layout="flat")]
-    attention(small, start + budget, baseline=False, interpret=True,
-              problem=dict(g=2, s=600, d=32, kq=6, kk=20))
+    problem = dict(g=2, s=600, d=32, kq=6, kk=20)
+    attention(small, start + budget, interpret=True, problem=problem)
+    inputs(small[:1], start + budget, problem=problem, interpret=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,17 @@ Run in its own process (JAX preallocates GPU memory), then pass its JSON to
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
+
+# The DiTs need nothing from transformers or peft, and a transformers release newer than
+# the diffusers one breaks `import diffusers.loaders.peft` (seen on the H100 image:
+# transformers 5.17 with diffusers 0.42.1). find_spec() is None for a None entry, so
+# diffusers treats both as absent.
+for _name in ("transformers", "peft"):
+  sys.modules.setdefault(_name, None)
 
 SHAPES = {"wan": {"full": ((16, 21, 90, 160), 512), "tiny": ((4, 3, 8, 8), 8)},
           "hunyuan": {"full": ((16, 33, 90, 160), 256), "tiny": ((4, 3, 8, 8), 8)}}
@@ -37,6 +45,14 @@ def build(model_name, preset, device, dtype):
     with torch.device("meta"):
       model = diffusers.HunyuanVideoTransformer3DModel(**kw)
   model = model.to_empty(device=device).to(dtype)
+  # what from_pretrained(torch_dtype=bf16) keeps in float32 (norms, time embedding, ...)
+  keep = getattr(model, "_keep_in_fp32_modules", None) or []
+  for name, module in model.named_modules():
+    if any(k in name.split(".") for k in keep):
+      module.float()
+  for name, param in model.named_parameters():
+    if any(k in name.split(".") for k in keep):
+      param.data = param.data.float()
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0.0, 0.02)

@@ -6,15 +6,17 @@ import time
 import jax
 
 
-def measure_ms(fn, *args, iterations: int = 5, warmup: int = 2):
+def measure_ms(fn, *args, iterations: int = 5, warmup: int = 2, wallclock: bool = False):
   """Median device time (ms) of `fn(*args)` over `iterations` runs after `warmup` runs.
 
-  Uses CUPTI through `jax.experimental.mosaic.gpu.profiler.measure` when it works (GPU),
-  wall clock around `block_until_ready` otherwise. Returns (median_ms, method).
+  Uses CUPTI through `jax.experimental.mosaic.gpu.profiler.measure` when it works (GPU) and
+  `wallclock` is False, wall clock around `block_until_ready` otherwise (what stateful
+  callables such as an nnx model need: the profiler traces `fn`, so it must be pure).
+  Returns (median_ms, method).
   """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
-  if jax.default_backend() == "gpu":
+  if jax.default_backend() == "gpu" and not wallclock:
     try:
       from jax.experimental.mosaic.gpu import profiler
       _, times = profiler.measure(fn, iterations=iterations)(*args)

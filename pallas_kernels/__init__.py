@@ -5,12 +5,9 @@ Imports nothing from svg_ear_jax: kernels take arrays and block sizes.
 
 from pallas_kernels.error_probe import ear_error_probe, ear_error_probe_reference
 from pallas_kernels.kmeans_assign import kmeans_assign, kmeans_assign_reference
-from pallas_kernels.packed_attention import (packed_metadata, packed_sparse_attention,
-                                             packed_sparse_attention_reference, padding_waste)
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
-from pallas_kernels.sparse_layout import sparse_attention_metadata
+from pallas_kernels.sparse_layout import padding_waste, sparse_attention_metadata
 
 __all__ = ["ear_error_probe", "ear_error_probe_reference", "kmeans_assign",
-           "kmeans_assign_reference", "packed_metadata", "packed_sparse_attention",
-           "packed_sparse_attention_reference", "padding_waste", "sparse_attention",
+           "kmeans_assign_reference", "padding_waste", "sparse_attention",
            "sparse_attention_metadata", "sparse_attention_reference"]

@@ -23,18 +23,26 @@ from pallas_kernels import common
 _HI = lax.Precision.HIGHEST
 
 
-def _value_stats(v, k_sizes, v_centroids):
+def _value_stats(v, k_sizes, v_centroids, kv_index):
+  """||v_t||^2 and <vbar_j, v_t> per permuted key position: [G, S] float32 each."""
   s = v.shape[1]
   rows = jnp.arange(s)
   labels = jax.vmap(lambda e: jnp.searchsorted(e, rows, side="right"))(jnp.cumsum(k_sizes, -1))
+  if kv_index is not None:  # labels of the tokens in their own (unpermuted) order
+    labels = jax.vmap(lambda p, lab: jnp.zeros_like(lab).at[p].set(lab))(kv_index, labels)
   vf = v.astype(jnp.float32)
   vc_t = jnp.take_along_axis(v_centroids.astype(jnp.float32), labels[..., None], axis=1,
                              mode="clip")
-  return jnp.sum(vf * vf, -1), jnp.sum(vf * vc_t, -1)
+  vsq, cross = jnp.sum(vf * vf, -1), jnp.sum(vf * vc_t, -1)
+  if kv_index is not None:  # [G, S] gathers instead of permuted copies of v
+    vsq = jnp.take_along_axis(vsq, kv_index, axis=1)
+    cross = jnp.take_along_axis(cross, kv_index, axis=1)
+  return vsq, cross
 
 
-def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_ref, o_ref, *,
+def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_ref, *refs,
             block_qc, block_k, num_q, num_k_clusters, scale, precision):
+  *idx_ref, o_ref = refs
   i0 = pl.program_id(0) * block_qc
   d = qc_ref.shape[-1]
   cols = jnp.arange(d)
@@ -53,7 +61,8 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
       m, sq, cr = carry
       rows = start + t * block_k + t0
       ok = rows < start + n
-      k = plgpu.load(k_ref.at[rows[:, None], cols[None, :]], mask=ok[:, None], other=0.)
+      k_rows = plgpu.load(idx_ref[0].at[rows], mask=ok, other=0) if idx_ref else rows
+      k = plgpu.load(k_ref.at[k_rows[:, None], cols[None, :]], mask=ok[:, None], other=0.)
       vsq = plgpu.load(vsq_ref.at[rows], mask=ok, other=0.)
       cross = plgpu.load(cross_ref.at[rows], mask=ok, other=0.)
       a = plgpu.dot(qc, k, trans_b=True, precision=precision) * scale
@@ -82,18 +91,21 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
                                              "num_stages", "interpret"))
 def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_scale: float,
                     block_qc: int = 64, block_k: int = 32, num_warps: int = 4,
-                    num_stages: int = 2, interpret: bool = False):
+                    num_stages: int = 2, kv_index=None, interpret: bool = False):
   """log E_ij for every (query centroid, key cluster) pair.
 
   Args:
     q_centroids: [G, Kq, D] query centroids (any float dtype; the dot runs in k's dtype,
       at full float32 precision when k is float32).
     k, v: [G, S, D] keys / values sorted by key cluster (cluster j = rows
-      [off_j, off_j + k_sizes_j), off = exclusive cumsum of k_sizes).
+      [off_j, off_j + k_sizes_j), off = exclusive cumsum of k_sizes), or in token order
+      when `kv_index` is given.
     k_centroids, v_centroids: [G, Kk, D] key centroid (for c_ij) and mean value per cluster.
     k_sizes: [G, Kk] int32.
     sm_scale: softmax scale.
     block_qc, block_k: centroid rows per program / keys per tile (powers of two >= 16).
+    kv_index: optional [G, S] int32 permutation: sorted position p is token kv_index[g, p]
+      of k and v (read through it, so no permuted copies are made).
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -104,7 +116,9 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   for name, b in (("block_qc", block_qc), ("block_k", block_k)):
     common.check_block(name, b)
   k_sizes = k_sizes.astype(jnp.int32)
-  vsq, cross = _value_stats(v, k_sizes, v_centroids)
+  if kv_index is not None:
+    kv_index = kv_index.astype(jnp.int32)
+  vsq, cross = _value_stats(v, k_sizes, v_centroids, kv_index)
   logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
                       k_centroids.astype(jnp.float32), precision=_HI) * sm_scale
   vc_sq = jnp.sum(jnp.square(v_centroids.astype(jnp.float32)), -1)
@@ -118,6 +132,8 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   kernel = functools.partial(_kernel, block_qc=block_qc, block_k=block_k, num_q=kq,
                              num_k_clusters=kk, scale=sm_scale, precision=precision)
   inputs = [offsets, k_sizes, logits.reshape(g, -1), vc_sq, qc, k, vsq, cross]
+  if kv_index is not None:
+    inputs.append(kv_index)
   spec = lambda x: pl.BlockSpec((None,) + x.shape[1:],
                                 lambda i, h, _n=x.ndim: (h,) + (0,) * (_n - 1))
   out = pl.pallas_call(

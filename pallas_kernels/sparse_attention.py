@@ -129,8 +129,13 @@ def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, 
               mask=mask2(q_ok & live))
 
 
-def _call(arrays: dict, table, out, *, block_q, num_warps, num_stages, interpret, **static):
-  """One pallas_call over one query-tile table; `out` (optional) is updated in place."""
+def _call(arrays: dict, table, out, *, block_q, num_warps, num_stages, interpret, heads,
+          **static):
+  """One pallas_call over one query-tile table; `out` (optional) is updated in place.
+
+  q, k, v (and the output) are [G, S, D], or [B, S, H, D] when `heads` is H: the kernel
+  then reads head g = b * H + h through a strided block, with no transposed copy.
+  """
   tile_c, tile_q0, tile_qend = table
   arrays = dict(tile_c=tile_c, tile_q0=tile_q0, tile_qend=tile_qend, **arrays)
   names = tuple(arrays)
@@ -139,14 +144,19 @@ def _call(arrays: dict, table, out, *, block_q, num_warps, num_stages, interpret
   if out is not None:
     aliases = {len(inputs): 0}
     inputs.append(out)
-  g, s, d = arrays["q"].shape
-  spec = lambda x: pl.BlockSpec((None,) + x.shape[1:],
-                                lambda t, h, _n=x.ndim: (h,) + (0,) * (_n - 1))
+  q = arrays["q"]
+  s, d = q.shape[-3 if heads else -2], q.shape[-1]
+
+  def spec(x):
+    if heads and x.ndim == 4:  # tokens-first [B, S, H, D]
+      return pl.BlockSpec((None, s, None, d), lambda t, g: (g // heads, 0, g % heads, 0))
+    return pl.BlockSpec((None,) + x.shape[1:], lambda t, g, _n=x.ndim: (g,) + (0,) * (_n - 1))
+
   kernel = functools.partial(_kernel, names=names, block_q=block_q, head_dim=d, seq_len=s,
                              **static)
   return pl.pallas_call(
-      kernel, grid=(tile_c.shape[1], g), in_specs=[spec(x) for x in inputs],
-      out_specs=spec(arrays["q"]), out_shape=jax.ShapeDtypeStruct((g, s, d), arrays["q"].dtype),
+      kernel, grid=(tile_c.shape[1], tile_c.shape[0]), in_specs=[spec(x) for x in inputs],
+      out_specs=spec(q), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       input_output_aliases=aliases, interpret=interpret, name="svg_ear_sparse_attention",
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*inputs)
@@ -164,8 +174,10 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
 
   Args:
     q: [G, S, D] queries sorted by query cluster (cluster i = positions
-      [q_off_i, q_off_i + q_sizes_i), q_off = exclusive cumsum of q_sizes).
-    k, v: [G, S, D] keys / values sorted by key cluster likewise with k_sizes.
+      [q_off_i, q_off_i + q_sizes_i), q_off = exclusive cumsum of q_sizes); or tokens-first
+      [B, S, H, D] with G = B * H (head g = b * H + h), read in place without a transpose.
+    k, v: [G, S, D] (or [B, S, H, D], like q) keys / values sorted by key cluster likewise
+      with k_sizes.
     q_sizes: [G, Kq] int32; may sum to less than S (the other positions output 0).
     k_sizes: [G, Kk] int32; may sum to less than S (the other keys are never read).
     block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
@@ -186,8 +198,8 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
     interpret: Pallas interpret mode (CPU tests).
 
   Returns:
-    [G, S, D] in q.dtype (permuted query order unless q_index is given). Positions of no
-    query cluster, and queries with nothing to attend, are 0.
+    q's shape ([G, S, D] or [B, S, H, D]) in q.dtype (permuted query order unless q_index is
+    given). Positions of no query cluster, and queries with nothing to attend, are 0.
   """
   arrays, tables, static = _prepare(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, compensation=compensation,
@@ -203,7 +215,16 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
 def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, compensation,
              sm_scale, q_index, kv_index, layout, block_q, block_k, block_c, tail_block_q):
   """Kernel inputs (dict), query-tile tables (one per pass) and kernel statics."""
-  g, s, _ = q.shape
+  if q.ndim == 4:
+    b, s, h, _ = q.shape
+    g = b * h
+  else:
+    g, s, _ = q.shape
+    h = None
+  if k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
+  if block_map.shape[0] != g:
+    raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
   kk = block_map.shape[-1]
   for name, b in (("block_q", block_q), ("block_k", block_k), ("block_c", block_c)):
     common.check_block(name, b)
@@ -230,7 +251,7 @@ def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, 
   if kv_index is not None:
     arrays["kv_index"] = kv_index.astype(jnp.int32)
   nt = sparse_layout.cdiv(s, block_k) + (kk if layout == "flat" else 0)
-  static = dict(layout=layout, block_k=block_k, block_c=block_c,
+  static = dict(layout=layout, block_k=block_k, block_c=block_c, heads=h,
                 num_rows=block_map.shape[1] + 1, num_k_clusters=kk, num_k_tiles=nt,
                 scale=sm_scale * _LOG2E, compensation=compensation,
                 precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)

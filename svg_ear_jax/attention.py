@@ -151,8 +151,7 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
     attn_clusters, attn_map = pipeline.append_dense_tokens(
         clusters, block_map, num_dense_tokens,
         None if g_mask is None else g_mask[:, n_video:])
-  out = pipeline.attend(qg, kg, vg, attn_clusters, attn_map, cfg, impl)
-  out = _tokens_first(out, b, h).astype(q_dtype)
+  out = pipeline.attend(q, k, v, attn_clusters, attn_map, cfg, impl).astype(q_dtype)
 
   if not return_aux:
     return out

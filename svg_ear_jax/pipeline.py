@@ -45,11 +45,15 @@ def _interpret() -> bool:
 
 
 def _attention_blocks(seq_len: int) -> dict:
-  # H100 sweep at S=75,600, D=128, density 0.25 (benchmarks/results): 64/64/64, 4 warps,
-  # 3 stages was the fastest; tiny problems in interpret mode use 16-wide tiles.
+  # H100 sweeps at S=75,600, D=128, density 0.25 (benchmarks/kernels.py; results in
+  # benchmarks/results/kernels_h100.md): 128x128 tiles, 8 warps, 3 stages, with remainders
+  # of <= 64 query rows run as 64-row tiles, was the fastest. Interpret mode (CPU tests)
+  # uses small tiles that still exercise the tail pass.
+  del seq_len  # one table for every shape measured so far
   if _interpret():
-    return dict(block_q=16, block_k=16, block_c=16)
-  return dict(block_q=64, block_k=64, block_c=64, num_warps=4, num_stages=3)
+    return dict(block_q=32, block_k=16, block_c=16, tail_block_q=16)
+  return dict(block_q=128, block_k=128, block_c=64, tail_block_q=64, num_warps=8,
+              num_stages=3, tail_num_warps=4)
 
 
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
@@ -84,24 +88,18 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
 
 
 def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: SvgEarConfig,
-          impl: str, k_perm: Optional[jax.Array] = None,
-          v_perm: Optional[jax.Array] = None) -> jax.Array:
-  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`.
-
-  The pallas probe reads keys/values in key-cluster order: pass `k_perm`, `v_perm`
-  (permuted with the key clustering's layout) to reuse the attention stage's copies.
-  """
+          impl: str) -> jax.Array:
+  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`; q, k, v [G, S, D]."""
   scale = q.shape[-1] ** -0.5
   logits = routing.centroid_logits(clusters.q.centroids, clusters.k.centroids, scale)
   log_err = None
   if cfg.routing == "ear":
     if impl == "pallas":
-      if k_perm is None:
-        lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-        k_perm, v_perm = permutation.permute(k, lay.perm), permutation.permute(v, lay.perm)
+      # keys are read through the key clustering's permutation: no sorted copies of k, v
+      lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
       log_err = _pallas().ear_error_probe(
-          clusters.q.centroids, k_perm, v_perm, clusters.k.centroids, clusters.v_centroids,
-          clusters.k.sizes, sm_scale=scale, interpret=_interpret(),
+          clusters.q.centroids, k, v, clusters.k.centroids, clusters.v_centroids,
+          clusters.k.sizes, sm_scale=scale, kv_index=lay.perm, interpret=_interpret(),
           **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
       log_err = error_probe.error_probe_xla(
@@ -112,19 +110,33 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_map: jax.Array,
            cfg: SvgEarConfig, impl: str) -> jax.Array:
-  """Exact selected blocks + centroid compensation: [G, S, D] in q.dtype, token order."""
-  scale = q.shape[-1] ** -0.5
+  """Exact selected blocks + centroid compensation, in token order.
+
+  Args:
+    q, k, v: tokens-first [B, S, H, D] (the caller's layout; G = B * H heads, g = b * H + h).
+    clusters, block_map: per head g, as returned by `cluster` / `route` (or
+      `append_dense_tokens`).
+
+  Returns:
+    [B, S, H, D] in q.dtype.
+  """
+  b, s, h, d = q.shape
+  scale = d ** -0.5
   if impl == "pallas":
+    # the kernel reads q, k, v in place (strided per head) through the two permutations and
+    # writes the output in token order: no transposed or sorted copies
     q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
     k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-    out = _pallas().packed_sparse_attention(
-        permutation.permute(q, q_lay.perm), permutation.permute(k, k_lay.perm),
-        permutation.permute(v, k_lay.perm), q_lay.sizes, k_lay.sizes, block_map,
-        clusters.k.centroids, clusters.v_centroids, compensation=cfg.compensation,
-        sm_scale=scale, interpret=_interpret(), **_attention_blocks(q.shape[1]))
-    return permutation.unpermute(out, q_lay.perm).astype(q.dtype)
-  args = (q, k, v, clusters.q.labels, clusters.k.labels, block_map, clusters.k.centroids,
-          clusters.v_centroids, clusters.k.sizes)
+    out = _pallas().sparse_attention(
+        q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
+        clusters.v_centroids, compensation=cfg.compensation, sm_scale=scale,
+        q_index=q_lay.perm, kv_index=k_lay.perm, interpret=_interpret(),
+        **_attention_blocks(s))
+    return out.astype(q.dtype)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
+  args = (heads_first(q), heads_first(k), heads_first(v), clusters.q.labels,
+          clusters.k.labels, block_map, clusters.k.centroids, clusters.v_centroids,
+          clusters.k.sizes)
   if impl == "reference":
     out = reference.sparse_attention_reference(*args, scale=scale,
                                                compensation=cfg.compensation)
@@ -132,7 +144,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
     out = sparse_attention.sparse_attention_xla(*args, scale=scale,
                                                 compensation=cfg.compensation,
                                                 chunk_mb=cfg.xla_chunk_mb)
-  return out.astype(q.dtype)
+  return out.reshape(b, h, s, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def append_dense_tokens(clusters: Clusters, block_map: jax.Array, num_dense: int,

@@ -153,6 +153,26 @@ class TestSparseAttention:
                               interpret=self.INTERPRET)
     _assert_close(out[heads, q_idx], self._ref(p, True), jnp.float32)
 
+  def test_tokens_first_layout(self):
+    # [B, S, H, D] read in place (strided blocks) == the same heads as [G, S, D]
+    b, h = 2, 3
+    p = _problem(8, g=b * h, s=200, d=24, kq=5, kk=12)
+    rng = np.random.default_rng(1)
+    g, s = b * h, 200
+    q_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+    kv_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+    kw = dict(compensation=True, sm_scale=0.2, q_index=q_idx, kv_index=kv_idx, block_q=32,
+              block_k=16, block_c=16, tail_block_q=16, interpret=self.INTERPRET)
+    want = sa.sparse_attention(*_args(p), **kw)
+    tokens_first = lambda x: x.reshape(b, h, s, -1).transpose(0, 2, 1, 3)
+    args = _args(p)
+    args[:3] = [tokens_first(x) for x in args[:3]]
+    got = sa.sparse_attention(*args, **kw)
+    assert got.shape == (b, s, h, 24)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(tokens_first(want)), atol=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+      sa.sparse_attention(args[0], *_args(p)[1:], **kw)
+
   def test_no_out_of_tile_writes(self):
     # the tail pass alone, on a sentinel-filled aliased output: it must write exactly the
     # positions of its own tiles and leave every other element untouched
@@ -182,6 +202,8 @@ class TestSparseAttention:
     for kw in (dict(block_q=64, block_k=64, block_c=64),
                dict(block_q=128, block_k=64, block_c=64, tail_block_q=64, num_warps=8),
                dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2),
+               dict(block_q=128, block_k=128, block_c=64, tail_block_q=64, num_warps=8,
+                    num_stages=2),  # the pipeline's choice
                dict(block_q=64, block_k=64, block_c=64, layout="flat")):
       _assert_close(self._run(p, True, **kw), ref, jnp.bfloat16)
 
