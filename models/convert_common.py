@@ -452,3 +452,45 @@ def check_variant(found: Any, wanted: Any, name: str, location: Path) -> None:
   if diffs:
     raise CheckpointError(f"wrong variant: {location} holds a {found.describe()}, not the "
                           f"requested {name} ({'; '.join(diffs)})")
+
+
+
+def variant_config(variant: Any, config_cls: type) -> Any:
+  """The config a `variant` argument names: a name of `config_cls.variants()` or an instance."""
+  variants = config_cls.variants()
+  if isinstance(variant, str):
+    if variant not in variants:
+      raise ValueError(f"unknown {config_cls.FAMILY} variant {variant!r}; known: "
+                       f"{sorted(variants)}")
+    return variants[variant]()
+  if isinstance(variant, config_cls):
+    return variant
+  raise TypeError(f"variant must be None, a name or a {config_cls.__name__}, got {variant!r}")
+
+
+def resolve_variant(variant: Any, found: Any, location: Path) -> Any:
+  """The config to build: `found` (variant=None) or the requested one, which must match.
+
+  Raises:
+    CheckpointError: "wrong variant", naming the differing fields.
+  """
+  if variant is None:
+    return found
+  wanted = variant_config(variant, type(found))
+  name = variant if isinstance(variant, str) else wanted.variant_name() or "custom"
+  check_variant(found, wanted, name, location)
+  return wanted
+
+
+def stored_config(marker: Dict[str, Any], config_cls: type, folder: Path, variant: Any,
+                  dtype: Any) -> Any:
+  """The config of a converted folder from its marker, checked against `variant`, in
+  `dtype` (None: the stored dtypes)."""
+  try:
+    stored = config_cls.from_dict(marker["config"])
+  except (KeyError, TypeError, ValueError) as err:
+    raise CheckpointError(f"{folder / MARKER}: bad config: {err}") from err
+  cfg = resolve_variant(variant, stored, folder)
+  if dtype is not None:
+    return cfg.with_dtype(parse_dtype(dtype))
+  return cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)

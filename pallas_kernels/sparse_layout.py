@@ -124,7 +124,6 @@ def sparse_attention_metadata(block_map, q_sizes, k_sizes, *, seq_len: int, bloc
   g, kq, kk = block_map.shape
   k_sizes = k_sizes.astype(jnp.int32)
   bm, rows = _rows(block_map, q_sizes, seq_len)
-  r = kq + 1
   ids, sizes, ends, count = _entries(bm, k_sizes)
   rank = jnp.arange(kk, dtype=jnp.int32)
   k_off = jnp.take_along_axis(

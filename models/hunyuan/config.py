@@ -1,9 +1,11 @@
 """HunyuanVideo DiT configurations: one frozen dataclass, one classmethod per variant."""
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Mapping, Tuple
 
 import jax.numpy as jnp
+
+from models.config_common import DiTConfigMixin
 
 # Fields that define the weights; RoPE and dtype fields do not.
 _ARCH_FIELDS = ("num_layers", "num_single_layers", "num_refiner_layers", "num_heads",
@@ -15,7 +17,7 @@ _POSITIVE_INTS = ("num_layers", "num_single_layers", "num_refiner_layers", "num_
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanConfig:
+class HunyuanConfig(DiTConfigMixin):
   """Architecture of a HunyuanVideo DiT (diffusers `HunyuanVideoTransformer3DModel`).
 
   Attributes:
@@ -61,6 +63,13 @@ class HunyuanConfig:
   param_dtype: Any = jnp.bfloat16
   dtype: Any = jnp.bfloat16
 
+  ARCH_FIELDS: ClassVar[Tuple[str, ...]] = _ARCH_FIELDS
+  FAMILY: ClassVar[str] = "HunyuanVideo"
+
+  @classmethod
+  def variants(cls):
+    return VARIANTS
+
   def __post_init__(self):
     object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
     object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
@@ -100,25 +109,6 @@ class HunyuanConfig:
   def patch(self) -> Tuple[int, int, int]:
     """(t, h, w) patch."""
     return self.patch_size_t, self.patch_size, self.patch_size
-
-  def replace(self, **changes) -> "HunyuanConfig":
-    """A copy with `changes` applied (validated again)."""
-    return dataclasses.replace(self, **changes)
-
-  def with_dtype(self, dtype) -> "HunyuanConfig":
-    """Same architecture with weights and compute in `dtype` (fp32 islands stay fp32)."""
-    return self.replace(param_dtype=dtype, dtype=dtype)
-
-  def architecture(self) -> Dict[str, Any]:
-    """The fields that determine the checkpoint's tensors."""
-    return {f: getattr(self, f) for f in _ARCH_FIELDS}
-
-  def variant_name(self) -> Optional[str]:
-    """Name of the published variant with this architecture, None for a custom one."""
-    for name, factory in VARIANTS.items():
-      if factory().architecture() == self.architecture():
-        return name
-    return None
 
   def describe(self) -> str:
     """Short human-readable description, e.g. for error messages."""
@@ -170,23 +160,6 @@ class HunyuanConfig:
         rope_theta=float(config.get("rope_theta", 256.0)),
     )
     return cls(**{**fields, **overrides})
-
-  def to_dict(self) -> Dict[str, Any]:
-    """JSON-serialisable fields (dtypes by name)."""
-    out = dataclasses.asdict(self)
-    out["rope_axes_dim"] = list(self.rope_axes_dim)
-    out["param_dtype"] = self.param_dtype.name
-    out["dtype"] = self.dtype.name
-    return out
-
-  @classmethod
-  def from_dict(cls, data: Mapping[str, Any], **overrides) -> "HunyuanConfig":
-    """Inverse of `to_dict`; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-      raise ValueError(f"unknown HunyuanConfig fields {unknown}")
-    return cls(**{**data, **overrides})
 
 
 VARIANTS = {

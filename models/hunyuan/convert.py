@@ -23,7 +23,7 @@ from flax import nnx
 
 from models import convert_common as cc
 from models.attention import AttentionLike
-from models.hunyuan.config import VARIANTS, HunyuanConfig
+from models.hunyuan.config import HunyuanConfig
 from models.hunyuan.sources import Checkpoint, RowSlice, SlicedCheckpoint, open_checkpoint
 from models.hunyuan.transformer import HunyuanVideoTransformer
 
@@ -238,27 +238,10 @@ def _config_from_shapes(ckpt, layout: Layout, prefix: str,
 
 
 def _variant_config(variant: Variant) -> HunyuanConfig:
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"unknown HunyuanVideo variant {variant!r}; known: {sorted(VARIANTS)}")
-    return VARIANTS[variant]()
-  if isinstance(variant, HunyuanConfig):
-    return variant
-  raise TypeError(f"variant must be None, a name or a HunyuanConfig, got {variant!r}")
+  return cc.variant_config(variant, HunyuanConfig)
 
 
-def resolve_variant(variant: Variant, found: HunyuanConfig, location: Path) -> HunyuanConfig:
-  """The config to build: `found` (variant=None) or the requested one, which must match.
-
-  Raises:
-    CheckpointError: "wrong variant", naming the differing fields.
-  """
-  if variant is None:
-    return found
-  wanted = _variant_config(variant)
-  name = variant if isinstance(variant, str) else wanted.variant_name() or "custom"
-  cc.check_variant(found, wanted, name, location)
-  return wanted
+resolve_variant = cc.resolve_variant
 
 
 def _abstract_model(cfg: HunyuanConfig, attention: AttentionLike) -> HunyuanVideoTransformer:
@@ -310,15 +293,7 @@ def load_converted(folder: os.PathLike, *, dtype: Any = None, variant: Variant =
   marker = _read_marker(folder)
   if marker is None:
     raise cc.CheckpointError(f"{folder}: not a converted HunyuanVideo model (no {MARKER})")
-  try:
-    stored = HunyuanConfig.from_dict(marker["config"])
-  except (KeyError, TypeError, ValueError) as err:
-    raise cc.CheckpointError(f"{folder / MARKER}: bad config: {err}") from err
-  cfg = resolve_variant(variant, stored, folder)
-  if dtype is not None:
-    cfg = cfg.with_dtype(parse_dtype(dtype))
-  else:
-    cfg = cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+  cfg = cc.stored_config(marker, HunyuanConfig, folder, variant, dtype)
   return cc.restore_params(_abstract_model(cfg, attention), folder / PARAMS_DIR, device=device)
 
 

@@ -1,9 +1,11 @@
 """Wan2.2 DiT configurations: one frozen dataclass, one classmethod per published variant."""
 
 import dataclasses
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Literal, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
+
+from models.config_common import DiTConfigMixin
 
 ModelType = Literal["t2v", "i2v", "ti2v"]
 
@@ -13,7 +15,7 @@ _ARCH_FIELDS = ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels",
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(DiTConfigMixin):
   """Architecture of one Wan DiT (one expert of an A14B pair).
 
   Attributes:
@@ -56,6 +58,13 @@ class WanConfig:
   param_dtype: Any = jnp.bfloat16
   dtype: Any = jnp.bfloat16
 
+  ARCH_FIELDS: ClassVar[Tuple[str, ...]] = _ARCH_FIELDS
+  FAMILY: ClassVar[str] = "Wan"
+
+  @classmethod
+  def variants(cls):
+    return VARIANTS
+
   def __post_init__(self):
     object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
@@ -79,25 +88,6 @@ class WanConfig:
   def dim(self) -> int:
     """Inner (model) width."""
     return self.num_heads * self.head_dim
-
-  def replace(self, **changes) -> "WanConfig":
-    """A copy with `changes` applied (validated again)."""
-    return dataclasses.replace(self, **changes)
-
-  def with_dtype(self, dtype) -> "WanConfig":
-    """Same architecture with weights and compute in `dtype` (fp32 islands stay fp32)."""
-    return self.replace(param_dtype=dtype, dtype=dtype)
-
-  def architecture(self) -> Dict[str, Any]:
-    """The fields that determine the checkpoint's tensors."""
-    return {f: getattr(self, f) for f in _ARCH_FIELDS}
-
-  def variant_name(self) -> Optional[str]:
-    """Name of the published variant with this architecture, None for a custom one."""
-    for name, factory in VARIANTS.items():
-      if factory().architecture() == self.architecture():
-        return name
-    return None
 
   def describe(self) -> str:
     """Short human-readable description, e.g. for error messages."""
@@ -182,23 +172,6 @@ class WanConfig:
         model_type=model_type,
     )
     return cls(**{**fields, **overrides})
-
-  def to_dict(self) -> Dict[str, Any]:
-    """JSON-serialisable fields (dtypes by name)."""
-    out = dataclasses.asdict(self)
-    out["patch_size"] = list(self.patch_size)
-    out["param_dtype"] = self.param_dtype.name
-    out["dtype"] = self.dtype.name
-    return out
-
-  @classmethod
-  def from_dict(cls, data: Mapping[str, Any], **overrides) -> "WanConfig":
-    """Inverse of `to_dict`; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-      raise ValueError(f"unknown WanConfig fields {unknown}")
-    return cls(**{**data, **overrides})
 
 
 def _guess_model_type(in_channels: int, out_channels: int) -> ModelType:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from models import convert_common as cc
 from models.attention import AttentionLike
-from models.wan.config import VARIANTS, WanConfig
+from models.wan.config import WanConfig
 from models.wan.transformer import WanTransformer
 
 Layout = Literal["diffusers", "original"]
@@ -151,27 +151,10 @@ def _config_from_shapes(ckpt, layout: Layout, prefix: str, head_dim: int) -> Wan
 
 
 def _variant_config(variant: Variant) -> WanConfig:
-  if isinstance(variant, str):
-    if variant not in VARIANTS:
-      raise ValueError(f"unknown Wan variant {variant!r}; known: {sorted(VARIANTS)}")
-    return VARIANTS[variant]()
-  if isinstance(variant, WanConfig):
-    return variant
-  raise TypeError(f"variant must be None, a name or a WanConfig, got {variant!r}")
+  return cc.variant_config(variant, WanConfig)
 
 
-def resolve_variant(variant: Variant, found: WanConfig, location: Path) -> WanConfig:
-  """The config to build: `found` (variant=None) or the requested one, which must match.
-
-  Raises:
-    CheckpointError: "wrong variant", naming the differing fields.
-  """
-  if variant is None:
-    return found
-  wanted = _variant_config(variant)
-  name = variant if isinstance(variant, str) else wanted.variant_name() or "custom"
-  cc.check_variant(found, wanted, name, location)
-  return wanted
+resolve_variant = cc.resolve_variant
 
 
 def _abstract_model(cfg: WanConfig, attention: AttentionLike) -> WanTransformer:
@@ -227,15 +210,7 @@ def load_converted(folder: os.PathLike, *, dtype: Any = None, variant: Variant =
   marker = _read_marker(folder)
   if marker is None or marker.get("kind") != "single":
     raise cc.CheckpointError(f"{folder}: not a converted single Wan model (no {MARKER})")
-  try:
-    stored = WanConfig.from_dict(marker["config"])
-  except (KeyError, TypeError, ValueError) as err:
-    raise cc.CheckpointError(f"{folder / MARKER}: bad config: {err}") from err
-  cfg = resolve_variant(variant, stored, folder)
-  if dtype is not None:
-    cfg = cfg.with_dtype(parse_dtype(dtype))
-  else:
-    cfg = cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+  cfg = cc.stored_config(marker, WanConfig, folder, variant, dtype)
   return cc.restore_params(_abstract_model(cfg, attention), folder / PARAMS_DIR, device=device)
 
 
