@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import quality, workloads
 
@@ -40,3 +41,37 @@ def test_model_benchmark_tiny(tmp_path):
   rows = json.loads((tmp_path / "m.json").read_text())
   assert [r["policy"] for r in rows] == ["dense", "svg_ear_0.25"]
   assert rows[1]["mean_sparse_density"] is not None and rows[0]["speedup_vs_dense"] == 1.0
+  assert rows[0]["peak_mem_gb"] > rows[0]["weights_gb"] > 0
+
+
+def test_model_benchmark_merges_policies_and_peer(tmp_path):
+  # one policy per process, merged into one file, with the diffusers peer's JSON
+  from benchmarks import model
+  peer = tmp_path / "peer.json"
+  peer.write_text(json.dumps({"framework": "diffusers", "forward_ms": 1.0}))
+  common = ["--model", "hunyuan", "--preset", "tiny", "--iters", "1", "--out",
+            str(tmp_path / "h"), "--peer-json", str(peer)]
+  assert model.main(common + ["--policies", "svg_ear_0.25"]) == 0
+  assert model.main(common + ["--policies", "dense", "--merge"]) == 0
+  rows = json.loads((tmp_path / "h.json").read_text())
+  assert [r["policy"] for r in rows] == ["dense", "svg_ear_0.25"]
+  assert rows[1]["speedup_vs_dense"] == rows[0]["forward_ms"] / rows[1]["forward_ms"]
+  assert rows[0]["speedup_vs_diffusers"] == 1.0 / rows[0]["forward_ms"]
+  assert "diffusers dense forward" in (tmp_path / "h.md").read_text()
+  with pytest.raises(SystemExit):
+    model.main(common + ["--policies", "sparse"])
+
+
+def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
+  # benchmarks/kernels.py in interpret mode on tiny shapes: every measurement line is
+  # written and no variant errors (the H100 sweep runs the same code at full size)
+  from benchmarks import kernels
+  log = tmp_path / "log.jsonl"
+  monkeypatch.setattr(kernels, "_LOG", str(log))
+  monkeypatch.setattr("sys.argv", ["kernels", "smoke", "600"])
+  kernels.main()
+  lines = [json.loads(x) for x in log.read_text().splitlines()]
+  runs = [x for x in lines if x["what"] in ("sparse", "sparse_index", "inputs")]
+  assert len(runs) == 2 + 1 + 3 and not [x for x in runs if "error" in x]
+  assert all(x["max_diff_vs_first"] < 2e-3 for x in runs if "max_diff_vs_first" in x)
+  assert all(x["max_err_vs_f32_rows"] < 2e-3 for x in runs if x["what"] == "sparse")
