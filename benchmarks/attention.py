@@ -63,7 +63,7 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
   kernel = jax.jit(functools.partial(
       pallas_kernels.sparse_attention, compensation=cfg.compensation,
-      sm_scale=q.shape[-1] ** -0.5, **pipeline._attention_blocks(q.shape[1])))
+      sm_scale=q.shape[-1] ** -0.5, **pipeline._attention_blocks()))
   ms, _ = timing.measure_ms(
       lambda *a: kernel(*a[:8], q_index=a[8], kv_index=a[9]), q, k, v, q_lay.sizes,
       k_lay.sizes, block_map, clusters.k.centroids, clusters.v_centroids, q_lay.perm,

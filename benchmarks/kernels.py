@@ -39,10 +39,6 @@ def emit(**kw):
     f.write(line + "\n")
 
 
-def measure_ms(fn, *args, iterations=5):
-  return timing.measure_ms(fn, *args, iterations=iterations)
-
-
 def wan_problem(g=40, s=75600, d=128, kq=300, kk=1000, density=0.25, seed=0):
   rng = np.random.default_rng(seed)
 
@@ -105,7 +101,7 @@ def attention(configs, budget_end, with_index=True, problem=None, interpret=Fals
   qd = args[0][None].transpose(0, 2, 1, 3)  # [1, S, G, D]
   dense = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
   try:
-    ms, how = measure_ms(dense, qd, qd, qd)
+    ms, how = timing.measure_ms(dense, qd, qd, qd)
     emit(what="cudnn_dense", ms=ms, tflops=4 * d * s * s * g / ms / 1e9, timing=how)
   except Exception as e:  # no cuDNN (CPU smoke run)
     emit(what="cudnn_dense", error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -113,7 +109,7 @@ def attention(configs, budget_end, with_index=True, problem=None, interpret=Fals
     for layout in ("packed", "flat"):
       meta = jax.jit(functools.partial(sl.sparse_attention_metadata, seq_len=s, block_q=64,
                                        block_k=bk, layout=layout))
-      ms, _ = measure_ms(meta, args[5], args[3], args[4])
+      ms, _ = timing.measure_ms(meta, args[5], args[3], args[4])
       waste = {f"bq{bq}" + (f"+tail{tb}" if tb else ""): float(jnp.mean(sl.padding_waste(
                    args[5], args[3], args[4], seq_len=s, block_q=bq, block_k=bk, layout=layout,
                    tail_block_q=tb)))
@@ -133,7 +129,7 @@ def attention(configs, budget_end, with_index=True, problem=None, interpret=Fals
                                     sm_scale=scale, interpret=interpret, **cfg))
       out = jax.block_until_ready(f(*args))
       compile_s = time.time() - t0
-      ms, how = measure_ms(f, *args)
+      ms, how = timing.measure_ms(f, *args)
       errs = [float(np.abs(np.asarray(out[h, rows].astype(jnp.float32)) - ref).max())
               for (ref, rows), h in zip(refs, heads)]
       nan = bool(jnp.isnan(out).any())
@@ -152,7 +148,7 @@ def attention(configs, budget_end, with_index=True, problem=None, interpret=Fals
     f = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
                                   q_index=idx, kv_index=idx, interpret=interpret, **cfg))
     try:
-      ms, _ = measure_ms(f, *args)
+      ms, _ = timing.measure_ms(f, *args)
       emit(what="sparse_index", cfg=cfg, ms=ms, useful_tflops=4 * d * area / ms / 1e9)
     except Exception as e:
       emit(what="sparse_index", error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -206,7 +202,7 @@ def inputs(configs, budget_end, problem=None, interpret=False):
       try:
         f = jax.jit(f)
         out = jax.block_until_ready(f(*xs, *rest))
-        ms, how = measure_ms(f, *xs, *rest)
+        ms, how = timing.measure_ms(f, *xs, *rest)
         ref = out if ref is None else ref
         diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         emit(what="inputs", cfg=cfg, mode=mode, ms=ms, useful_tflops=4 * d * area / ms / 1e9,

@@ -131,9 +131,9 @@ def main(argv=None):
                      **forward_memory_gb(model, xs)))
     print(json.dumps(rows[-1]), flush=True)
   if args.merge and os.path.exists(args.out + ".json"):
+    measured = {(r["model"], r["policy"]) for r in rows}
     with open(args.out + ".json") as f:
-      old = [r for r in json.load(f) if (r["model"], r["policy"]) not in
-             {(r2["model"], r2["policy"]) for r2 in rows}]
+      old = [r for r in json.load(f) if (r["model"], r["policy"]) not in measured]
     rows = sorted(old + rows, key=lambda r: list(all_policies).index(r["policy"]))
   dense = [r for r in rows if r["policy"] == "dense"]
   for r in rows:

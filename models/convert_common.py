@@ -454,7 +454,6 @@ def check_variant(found: Any, wanted: Any, name: str, location: Path) -> None:
                           f"requested {name} ({'; '.join(diffs)})")
 
 
-
 def variant_config(variant: Any, config_cls: type) -> Any:
   """The config a `variant` argument names: a name of `config_cls.variants()` or an instance."""
   variants = config_cls.variants()

@@ -44,12 +44,12 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def _attention_blocks(seq_len: int) -> dict:
+def _attention_blocks() -> dict:
   # H100 sweeps at S=75,600, D=128, density 0.25 (benchmarks/kernels.py; results in
   # benchmarks/results/kernels_h100.md): 128x128 tiles, 8 warps, 3 stages, with remainders
   # of <= 64 query rows run as 64-row tiles, was the fastest. Interpret mode (CPU tests)
-  # uses small tiles that still exercise the tail pass.
-  del seq_len  # one table for every shape measured so far
+  # uses small tiles that still exercise the tail pass. One table serves every shape
+  # measured so far (Wan 480p / 720p, Hunyuan 720p).
   if _interpret():
     return dict(block_q=32, block_k=16, block_c=16, tail_block_q=16)
   return dict(block_q=128, block_k=128, block_c=64, tail_block_q=64, num_warps=8,
@@ -131,7 +131,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
         q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
         clusters.v_centroids, compensation=cfg.compensation, sm_scale=scale,
         q_index=q_lay.perm, kv_index=k_lay.perm, interpret=_interpret(),
-        **_attention_blocks(s))
+        **_attention_blocks())
     return out.astype(q.dtype)
   heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
   args = (heads_first(q), heads_first(k), heads_first(v), clusters.q.labels,

@@ -23,6 +23,7 @@ import pytest
 import pallas_kernels
 from pallas_kernels import error_probe
 from pallas_kernels import sparse_layout as sl
+from pallas_testing import CompiledOrInterpret
 
 # the package exports the function `sparse_attention`, which shadows the module attribute
 sa = importlib.import_module("pallas_kernels.sparse_attention")
@@ -83,14 +84,7 @@ def _assert_close(out, ref, dtype):
   assert np.abs(out - ref).mean() < tol["mean"]
 
 
-class TestSparseAttention:
-  INTERPRET = False
-
-  @pytest.fixture(autouse=True)
-  def _device(self):
-    if not self.INTERPRET and jax.default_backend() != "gpu":
-      pytest.skip("compiled Pallas-Triton kernels need a GPU (the interpret class runs on CPU)")
-
+class TestSparseAttention(CompiledOrInterpret):
   def _run(self, p, compensation, **kw):
     blocks = dict(block_q=16, block_k=16, block_c=16)
     blocks.update(kw)

@@ -1,12 +1,12 @@
 """EAR probe and k-means assignment kernels vs their jnp references (GPU class + interpret)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import (ear_error_probe, ear_error_probe_reference, kmeans_assign,
                             kmeans_assign_reference)
+from pallas_testing import CompiledOrInterpret
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -30,14 +30,7 @@ def _probe_problem(seed, g=2, s=300, d=24, kq=70, kk=20, dtype=jnp.float32):
   return (qc, f(k).astype(dtype), f(v).astype(dtype), f(kc), f(vc), jnp.asarray(sizes, jnp.int32))
 
 
-class KernelTest:
-  INTERPRET = False
-
-  @pytest.fixture(autouse=True)
-  def _device(self):
-    if not self.INTERPRET and jax.default_backend() != "gpu":
-      pytest.skip("compiled Pallas-Triton kernels need a GPU (the interpret class runs on CPU)")
-
+class KernelTest(CompiledOrInterpret):
   @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
   def test_probe_matches_reference(self, dtype, atol):
     args = _probe_problem(0, dtype=dtype)
