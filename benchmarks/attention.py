@@ -53,7 +53,7 @@ def _heads_first(x):
 
 
 def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
-  """Median ms of the Pallas sparse-attention kernel (and its int32 tables) alone.
+  """Median ms of the Pallas sparse-attention kernel (and its tables / copies) alone.
 
   q, k, v are tokens-first [B, S, H, D], read through the clusterings' permutations as in
   the pipeline; the permutations are computed outside the timed call.
@@ -61,9 +61,14 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   import pallas_kernels
   q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
   k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-  kernel = jax.jit(functools.partial(
-      pallas_kernels.sparse_attention, compensation=cfg.compensation,
-      sm_scale=q.shape[-1] ** -0.5, **pipeline._attention_blocks()))
+  if pipeline._use_mosaic(cfg, q):
+    kernel = jax.jit(functools.partial(
+        pallas_kernels.sparse_attention_mgpu, compensation=cfg.compensation,
+        sm_scale=q.shape[-1] ** -0.5))
+  else:
+    kernel = jax.jit(functools.partial(
+        pallas_kernels.sparse_attention, compensation=cfg.compensation,
+        sm_scale=q.shape[-1] ** -0.5, **pipeline._attention_blocks()))
   ms, _ = timing.measure_ms(
       lambda *a: kernel(*a[:8], q_index=a[8], kv_index=a[9]), q, k, v, q_lay.sizes,
       k_lay.sizes, block_map, clusters.k.centroids, clusters.v_centroids, q_lay.perm,
@@ -71,9 +76,11 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   return ms
 
 
-def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters):
+def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters,
+                 attention_kernel="auto"):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
-                     routing=routing, density=density, implementation=impl)
+                     routing=routing, density=density, implementation=impl,
+                     attention_kernel=attention_kernel)
   call = jax.jit(functools.partial(svg_ear_attention, cfg=cfg, return_aux=True))
   _, cold_aux = call(q, k, v)  # cold start: 50 iterations, gives the warm state
   state = cold_aux.state
@@ -108,7 +115,10 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
       batch=q.shape[0], seq_len=s, heads=q.shape[2], head_dim=d,
       num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
       routing=routing, budget="top-p 0.9" if density is None else density,
-      implementation=pipeline_impl, density=dens, dense_ms=dense_ms, svg_ear_ms=full_ms,
+      implementation=pipeline_impl,
+      attention_kernel=(("mosaic" if pipeline._use_mosaic(cfg, q) else "triton")
+                        if pipeline_impl == "pallas" else None),
+      density=dens, dense_ms=dense_ms, svg_ear_ms=full_ms,
       speedup_vs_cudnn=dense_ms / full_ms, rel_err=rel_err, kmeans_ms=kmeans_ms,
       routing_ms=route_ms, attention_ms=attend_ms, sparse_kernel_ms=kernel_ms,
       permutation_ms=(attend_ms - kernel_ms) if np.isfinite(kernel_ms) else float("nan"),
@@ -141,6 +151,8 @@ def main(argv=None):
                       help="fixed densities in (0, 1], or 'ref' for the reference top-p budget")
   parser.add_argument("--routings", nargs="+", default=["ear"], choices=["ear", "topp"])
   parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "xla"])
+  parser.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "mosaic"],
+                      help="Pallas attention kernel (SvgEarConfig.attention_kernel)")
   parser.add_argument("--iters", type=int, default=5, help="timed repetitions (median)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "attention"),
@@ -171,7 +183,7 @@ def main(argv=None):
     for routing in args.routings:
       for density in densities:
         row = bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density,
-                           args.implementation, args.iters)
+                           args.implementation, args.iters, args.attention_kernel)
         row["dense_mem_gb"] = dense_mem
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -8,6 +8,7 @@ Implementation = Literal["auto", "pallas", "xla", "reference"]
 
 ROUTINGS = ("ear", "topp", "dense")
 IMPLEMENTATIONS = ("auto", "pallas", "xla", "reference")
+ATTENTION_KERNELS = ("auto", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class SvgEarConfig:
     density: None -> budget = area of the top-p set (the reference). A float in (0, 1] ->
       fixed exact-area budget per query cluster: `density * |Q_i| * S` (the paper's setting).
     implementation: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla" or "reference".
+    attention_kernel: which Pallas kernel computes the attention when the implementation is
+      "pallas": "triton" (any GPU), "mosaic" (Mosaic GPU, Hopper; bf16/f16, head_dim a
+      multiple of 64; emulated in jnp off-GPU) or "auto" (mosaic where it applies).
     seed: PRNG seed of the cold-start k-means initialisation.
     xla_chunk_mb: bound (MiB) on the f32 temporaries of one chunk of the XLA path (k-means
       distances, probe logits, attention logits); the S x S or N x K matrices of all heads
@@ -48,6 +52,7 @@ class SvgEarConfig:
   gamma: float = 1.0
   density: Optional[float] = None
   implementation: Implementation = "auto"
+  attention_kernel: str = "auto"
   seed: int = 0
   xla_chunk_mb: int = 512
 
@@ -78,6 +83,8 @@ class SvgEarConfig:
       fail("density", "must be None or a float in (0, 1]")
     if self.implementation not in IMPLEMENTATIONS:
       fail("implementation", f"must be one of {IMPLEMENTATIONS}")
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      fail("attention_kernel", f"must be one of {ATTENTION_KERNELS}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int):
       fail("seed", "must be an int")
 

@@ -56,6 +56,21 @@ def _attention_blocks() -> dict:
               num_stages=3, tail_num_warps=4)
 
 
+def _use_mosaic(cfg: SvgEarConfig, q: jax.Array) -> bool:
+  """Whether the attend stage runs the Mosaic GPU kernel (cfg.attention_kernel)."""
+  fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
+  if cfg.attention_kernel == "mosaic":
+    if not fits:
+      raise ValueError(f"attention_kernel='mosaic' needs bf16/f16 inputs with head_dim a "
+                       f"multiple of 64, got {q.dtype} and head_dim {q.shape[-1]}")
+    return True
+  if cfg.attention_kernel == "triton" or _interpret():
+    return False
+  # H100 (benchmarks/results/attention_h100.md): Mosaic wins; other GPUs keep Triton
+  kind = jax.devices()[0].device_kind
+  return fits and any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
+
+
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
             q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
             k_mask: Optional[jax.Array] = None) -> Clusters:
@@ -122,6 +137,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
   """
   b, s, h, d = q.shape
   scale = d ** -0.5
+  if impl == "pallas" and _use_mosaic(cfg, q):
+    # Hopper: the Mosaic GPU kernel (TMA + wgmma, warp-specialised); it reads sorted,
+    # cluster-padded copies of Q, K, V (see pallas_kernels/sparse_attention_mgpu.py)
+    q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
+    k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+    out = _pallas().sparse_attention_mgpu(
+        q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
+        clusters.v_centroids, compensation=cfg.compensation, sm_scale=scale,
+        q_index=q_lay.perm, kv_index=k_lay.perm, emulate=_interpret())
+    return out.astype(q.dtype)
   if impl == "pallas":
     # the kernel reads q, k, v in place (strided per head) through the two permutations and
     # writes the output in token order: no transposed or sorted copies

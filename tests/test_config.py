@@ -10,6 +10,7 @@ def test_defaults_and_presets():
   assert (cfg.routing, cfg.compensation, cfg.top_p, cfg.min_kc_ratio, cfg.density) == (
       "ear", True, 0.9, 0.05, None)
   assert cfg.implementation == "auto" and cfg.seed == 0 and cfg.kmeans_tol == 1e-4
+  assert cfg.attention_kernel == "auto"
   assert cfg.num_guaranteed == 50 and cfg.num_budget_floor == 100
   assert SvgEarConfig.hunyuan_720p().num_q_clusters == 400
   assert SvgEarConfig.wan22_720p(density=0.25).density == 0.25
@@ -27,6 +28,7 @@ def test_frozen():
     ("routing", "topk"), ("compensation", 1), ("top_p", 0.0), ("top_p", 1.5),
     ("min_kc_ratio", -0.1), ("min_kc_ratio", 2.0), ("gamma", -1.0), ("density", 0.0),
     ("density", 1.2), ("density", True), ("implementation", "cuda"), ("seed", 1.0),
+    ("attention_kernel", "cuda"), ("attention_kernel", None),
     ("xla_chunk_mb", 0), ("num_q_clusters", True),
 ])
 def test_invalid_field_names_the_field(field, value):

@@ -1,0 +1,490 @@
+"""Cluster block-sparse attention with centroid compensation as a Mosaic GPU (Hopper) kernel.
+
+Same contract as `sparse_attention.sparse_attention` (the Pallas-Triton kernel): for a query
+in query cluster i, one softmax over every key of every key cluster j with block_map[i, j],
+plus (with compensation) one pseudo-token per skipped non-empty key cluster (logit
+q.kbar_j * sm_scale + log n_j, value vbar_j).
+
+Why a second kernel: Triton has no warp specialisation, TMA or asynchronous wgmma, and
+tops out near 420 TFLOP/s on dense attention on an H100, while jax's Mosaic GPU flash
+attention reaches ~580 (benchmarks/results/kernels_h100.md). This kernel is that design
+(two consumer warpgroups of 64 query rows in ping-pong, one TMA producer warpgroup) walking
+a per-query-cluster list of key chunks instead of a contiguous key range:
+
+- Keys and values are copied sorted by key cluster, each cluster padded to a multiple of
+  CHUNK rows (`_padded_keys`). A 128-slot key step is CHUNKS TMA copies of CHUNK rows, so
+  any set of clusters packs into full steps with < CHUNK wasted slots per cluster.
+- Padding key rows are NaN (their values 0): q.k is NaN there for every query, which the
+  kernel turns into -inf. No per-step mask metadata is needed.
+- Compensation steps read the key/value centroids (appended after the keys) with a
+  per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
+- Query tiles are 128 rows of one query cluster (read from a cluster-sorted copy; rows
+  past the cluster are computed and dropped). Outputs go to tile slots and are gathered
+  back to token order by XLA.
+
+Hopper only (sm_90a); there is no CPU interpret path for it in jax 0.10/0.11, so its tests
+run on a GPU against the float32 reference.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Key rows per TMA copy; key clusters are padded to a multiple of it. H100, Wan 720p kernel
+# problem at density 0.25 (benchmarks/results/kernels_h100.md): 8 -> 87.1 ms, 16 -> 79.6 ms
+# (fewer copies per step outweigh 5% more padding), 64 -> 91.9 ms (padding dominates).
+CHUNK = 16
+_SMEM_BYTES = 232448 - 4096  # H100 per-block limit, less barriers and alignment
+BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
+TILE_Q = 2 * BLOCK_Q
+BLOCK_K = 128  # key slots per pipeline step
+CHUNKS = BLOCK_K // CHUNK
+_LOG2E = math.log2(math.e)
+
+
+def _cdiv(a, b):
+  return -(-a // b)
+
+
+def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_ref, v_ref,
+            out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  (qo_smem2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar), (k_used, v_used), sched = (
+      scoped)
+  t = lax.axis_index("tile")
+  g = lax.axis_index("head")
+  wg = lax.axis_index("wg")
+  c = tile_c_ref[g, t]
+  live = c >= 0
+  c = jnp.maximum(c, 0)
+  n_exact = n_exact_ref[g, c]
+  n_steps = n_exact + num_comp
+
+  def schedule_barrier():
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+
+    @pl.when(live)
+    def _():
+      qo = qo_smem2.at[wg]
+      # row offsets are written as (x * 8): Mosaic must prove TMA rows 8-aligned
+      q_row = tile_q0_ref[g, t] * CHUNK + wg * BLOCK_Q
+      plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((BLOCK_Q, qo.shape[-1]), 0, jnp.float32),
+                              plgpu.Layout.WGMMA)
+
+      @pl.when(n_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      pl.when(wg == 1)(schedule_barrier)
+
+      def step(i, carry, comp):
+        acc, m_i, l_i = carry
+        slot = lax.rem(i, jnp.int32(mcs))
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+          schedule_barrier()
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
+        if comp:
+          plgpu.barrier_wait(b_bar.at[slot])
+          bias = plgpu.load(b_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+        else:  # NaN = a padding key row
+          s = jnp.where(qk != qk, -jnp.inf, qk * scale)
+        plgpu.barrier_arrive(k_used.at[slot])
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
+
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = i + 1
+
+          @pl.when(nxt < n_steps)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(mcs))])
+
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m_new, l_i
+
+      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False), (acc, m_i, l_i))
+      if num_comp:
+        carry = lax.fori_loop(n_exact, n_steps, functools.partial(step, comp=True), carry)
+      acc, _, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
+      l_i = jnp.where(l_i == 0, 1.0, l_i)
+      acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
+      qo[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo, out_ref.at[g, pl.ds(t * TILE_Q + wg * BLOCK_Q, BLOCK_Q)])
+      plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def sources(i):
+      exact = i < n_exact
+      row = jnp.minimum(i, max_steps - 1) * CHUNKS
+      comp_chunk = comp_base // CHUNK + (i - n_exact) * CHUNKS
+      return exact, [jnp.where(exact, chunk_ref[g, c, row + j], comp_chunk + j) * CHUNK
+                     for j in range(CHUNKS)]
+
+    def issue_k(i, slot, exact, rows):
+      for j, r in enumerate(rows):
+        plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, CHUNK)],
+                                k_smem.at[slot, pl.ds(j * CHUNK, CHUNK)], k_bar.at[slot])
+      if num_comp:
+        @pl.when(~exact)
+        def _():
+          plgpu.copy_gmem_to_smem(bias_ref.at[g, c, pl.ds((i - n_exact) * BLOCK_K, BLOCK_K)],
+                                  b_smem.at[slot], b_bar.at[slot])
+
+    def issue_v(slot, rows):
+      for j, r in enumerate(rows):
+        plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, CHUNK)],
+                                v_smem.at[slot, pl.ds(j * CHUNK, CHUNK)], v_bar.at[slot])
+
+    @pl.when(live)
+    def _():
+      for s in range(mcs):
+        @pl.when(s < n_steps)
+        def _():
+          exact, rows = sources(jnp.int32(s))
+          issue_k(jnp.int32(s), s, exact, rows)
+          issue_v(s, rows)
+
+      @pl.loop(0, jnp.maximum(n_steps - mcs, 0))
+      def _(i):
+        step = i + mcs
+        slot = lax.rem(i, jnp.int32(mcs))
+        exact, rows = sources(step)  # loads issued before the wait hide their latency
+        plgpu.barrier_wait(k_used.at[slot])
+        issue_k(step, slot, exact, rows)
+        plgpu.barrier_wait(v_used.at[slot])
+        issue_v(slot, rows)
+
+
+def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  tile_c, tile_q0, n_exact, chunks, bias = tables
+  g, num_tiles = tile_c.shape
+  d = q_sorted.shape[-1]
+  dtype = q_sorted.dtype
+  max_steps = chunks.shape[-1] // CHUNKS
+
+  def entry(*refs):
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    smem = (
+        plgpu.SMEM((2, BLOCK_Q, d), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((mcs, BLOCK_K), jnp.float32),
+    )
+    barriers = (
+        plgpu.Barrier(num_arrivals=CHUNKS, num_barriers=mcs),
+        plgpu.Barrier(num_arrivals=CHUNKS, num_barriers=mcs),
+        plgpu.Barrier(num_barriers=mcs),
+        plgpu.Barrier(num_barriers=2),
+    )
+    used = (plgpu.Barrier(num_arrivals=2, num_barriers=mcs),) * 2
+    pl.run_scoped(
+        lambda *scoped: _kernel(*refs, scoped, num_comp=num_comp, comp_base=comp_base,
+                                max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype),
+        smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct((g, num_tiles * TILE_Q, d), dtype),
+      # the last grid axis varies fastest: the CTAs in flight share one head's keys and
+      # values (~40 MB at Wan 720p, L2-resident); heads innermost thrashed L2 (101.7 ms
+      # vs 80.0 ms on the kernel benchmark's problem)
+      grid=(g, num_tiles), grid_names=("head", "tile"), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(tile_c, tile_q0, n_exact, chunks, bias, q_sorted, k_pad, v_pad)
+
+
+def _searchsorted_rows(ends, x):
+  """[G, N] per-row searchsorted(ends[g], x[g] or x, side="right")."""
+  if x.ndim == 1:
+    return jax.vmap(lambda e: jnp.searchsorted(e, x, side="right"))(ends).astype(jnp.int32)
+  return jax.vmap(lambda e, y: jnp.searchsorted(e, y, side="right"))(ends, x).astype(jnp.int32)
+
+
+def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
+  """Tables of the Mosaic GPU kernel (pure jnp; shapes static in S, Kq, Kk).
+
+  Args:
+    q_sizes: [G, Kq] int, query cluster sizes (clusters are consecutive in sorted order).
+    k_sizes: [G, Kk] int, key cluster sizes likewise.
+    block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
+    seq_len: S.
+
+  Returns:
+    dict with
+      tile_c [G, T] int32: query cluster of 128-row tile t (-1: no tile),
+      tile_q0 [G, T] int32: its first row in the padded queries, in units of CHUNK,
+      query_rows [G, QR] int32: sorted query position of each padded query row (-1 =
+        padding; query clusters are padded to a multiple of CHUNK rows too),
+      n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
+      chunks [G, Kq, max_steps * CHUNKS] int32: CHUNK-row chunk indices into the padded
+        keys (`nan_chunk` past the list's end),
+      key_rows [G, key_chunks * CHUNK] int32: sorted key position of each padded key row
+        (-1 = padding),
+      q_slot [G, S] int32: output slot of each sorted query position (-1: no cluster),
+    and the statics num_tiles, key_chunks, nan_chunk, comp_base (first centroid row).
+  """
+  g, kq, kk = block_map.shape
+  s = seq_len
+  q_sizes = q_sizes.astype(jnp.int32)
+  k_sizes = k_sizes.astype(jnp.int32)
+  # query tiles: ceil(n_i / 128) per cluster, in cluster order
+  nq = _cdiv(q_sizes, TILE_Q)
+  t_end = jnp.cumsum(nq, axis=-1)
+  t_start = t_end - nq
+  q_end = jnp.cumsum(q_sizes, axis=-1)
+  q_off = q_end - q_sizes
+  num_tiles = _cdiv(s, TILE_Q) + kq  # sum of ceil(n_i / 128) <= S / 128 + Kq
+  tc = _searchsorted_rows(t_end, jnp.arange(num_tiles))
+  tcs = jnp.minimum(tc, kq - 1)
+  query_rows, qch_start = _padded_rows(q_sizes, q_off, _cdiv(s, CHUNK) + kq)
+  tile_q0 = (jnp.take_along_axis(qch_start, tcs, 1)
+             + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // CHUNK))
+  tile_c = jnp.where(tc < kq, tc, -1)
+  pos = jnp.arange(s)
+  qc = _searchsorted_rows(q_end, pos)
+  qcs = jnp.minimum(qc, kq - 1)
+  q_slot = (jnp.take_along_axis(t_start, qcs, 1) * TILE_Q + pos
+            - jnp.take_along_axis(q_off, qcs, 1))
+  q_slot = jnp.where(qc < kq, q_slot, -1)
+
+  nch = _cdiv(k_sizes, CHUNK)
+  key_chunks = _cdiv(s, CHUNK) + kk  # sum of ceil(n_j / 8) <= S / 8 + Kk
+  key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
+                                     key_chunks)
+
+  # chunk list of query cluster i: the chunk runs of its exact key clusters, in j order
+  sel = block_map & (nch > 0)[:, None, :]
+  cnt = jnp.where(sel, nch[:, None, :], 0)
+  c_end = jnp.cumsum(cnt, axis=-1)
+  c_start = c_end - cnt
+  n_chunks = c_end[..., -1]
+  max_steps = _cdiv(key_chunks, CHUNKS)
+  width = max_steps * CHUNKS
+  j_ids = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (g, kq, kk))
+  gi = jnp.arange(g)[:, None, None]
+  ci = jnp.arange(kq)[None, :, None]
+  # selected runs have distinct starts; unselected (empty) ones write -1 under max
+  mark = jnp.full((g, kq, width), -1, jnp.int32).at[gi, ci, c_start].max(
+      jnp.where(sel, j_ids, -1), mode="drop")
+  run = jnp.maximum(lax.cummax(mark, axis=2), 0)
+  slot = jnp.arange(width, dtype=jnp.int32)
+  src = (jnp.take_along_axis(jnp.broadcast_to(pch_start[:, None, :], (g, kq, kk)), run, 2)
+         + slot - jnp.take_along_axis(c_start, run, 2))
+  nan_chunk = key_chunks
+  chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
+  return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32), query_rows=query_rows,
+              n_exact=_cdiv(n_chunks, CHUNKS).astype(jnp.int32), chunks=chunks,
+              key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
+              num_tiles=num_tiles, key_chunks=key_chunks, nan_chunk=nan_chunk,
+              comp_base=(key_chunks + 1) * CHUNK)
+
+
+def _padded_rows(sizes, offsets, num_chunks):
+  """Clusters padded to CHUNK-row multiples: ([G, num_chunks * CHUNK] sorted position of
+  each padded row (-1 = padding), [G, K] first chunk of each cluster)."""
+  k = sizes.shape[-1]
+  nch = _cdiv(sizes, CHUNK)
+  ch_end = jnp.cumsum(nch, axis=-1)
+  ch_start = ch_end - nch
+  prow = jnp.arange(num_chunks * CHUNK)
+  cl = _searchsorted_rows(ch_end, prow // CHUNK)
+  cls = jnp.minimum(cl, k - 1)
+  within = prow - jnp.take_along_axis(ch_start, cls, 1) * CHUNK
+  rows = jnp.where((cl < k) & (within < jnp.take_along_axis(sizes, cls, 1)),
+                   jnp.take_along_axis(offsets, cls, 1) + within, -1)
+  return rows.astype(jnp.int32), ch_start
+
+
+def _heads_first_rows(x, rows, index, heads):
+  """Rows `rows` [G, N] (-1: none) of sorted order gathered from x; [G, N, D] (none -> 0).
+
+  x is [G, S, D] or tokens-first [B, S, H, D] (heads = H); index [G, S] maps sorted
+  positions to token rows (None: x is already sorted).
+  """
+  ok = rows >= 0
+  rows = jnp.maximum(rows, 0)
+  if index is not None:
+    rows = jnp.take_along_axis(index, rows, 1)
+  if heads is None:
+    out = jnp.take_along_axis(x, rows[..., None], 1)
+  else:
+    b, s, h, d = x.shape
+    gi = jnp.arange(b * h)[:, None]
+    flat = ((gi // h) * s + rows) * h + gi % h
+    out = x.reshape(b * s * h, d)[flat]
+  return out, ok
+
+
+def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
+                 compensation, q_index=None, kv_index=None):
+  """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout)."""
+  heads = q.shape[2] if q.ndim == 4 else None
+  s = q.shape[1]
+  g, kq, kk = block_map.shape
+  lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s)
+  q_sorted, _ = _heads_first_rows(q, lay["query_rows"], q_index, heads)
+  kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, heads)
+  vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, heads)
+  d = kp.shape[-1]
+  kp = jnp.where(ok[..., None], kp, jnp.nan)
+  vp = jnp.where(ok[..., None], vp, 0)
+  kkp = _cdiv(kk, BLOCK_K) * BLOCK_K
+  pad_c = ((0, 0), (0, kkp - kk), (0, 0))
+  nan_rows = jnp.full((g, CHUNK, d), jnp.nan, kp.dtype)
+  k_pad = jnp.concatenate([kp, nan_rows, jnp.pad(k_centroids.astype(kp.dtype), pad_c)], 1)
+  v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows),
+                           jnp.pad(v_centroids.astype(vp.dtype), pad_c)], 1)
+  k_sizes = k_sizes.astype(jnp.int32)
+  if compensation:
+    log_n = jnp.log2(jnp.maximum(k_sizes, 1).astype(jnp.float32))
+    bias = jnp.where(~block_map & (k_sizes > 0)[:, None, :], log_n[:, None, :], -jnp.inf)
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, kkp - kk)), constant_values=-jnp.inf)
+  else:
+    bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
+  tables = (lay["tile_c"], lay["tile_q0"], lay["n_exact"], lay["chunks"], bias)
+  statics = dict(num_comp=kkp // BLOCK_K if compensation else 0, comp_base=lay["comp_base"])
+  return tables, q_sorted, k_pad, v_pad, statics, lay
+
+
+def _finish(out_slots, lay, q, q_index):
+  """Slot-space output [G, T*128, D] -> q's layout and order (no cluster -> 0)."""
+  heads = q.shape[2] if q.ndim == 4 else None
+  g, s = lay["q_slot"].shape
+  slots = lay["q_slot"]
+  if q_index is not None:  # token row q_index[p] takes sorted position p's slot
+    inv = jnp.zeros((g, s), jnp.int32).at[jnp.arange(g)[:, None], q_index].set(
+        jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s)))
+    slots = jnp.take_along_axis(slots, inv, 1)
+  ok = slots >= 0
+  rows = jnp.maximum(slots, 0) + jnp.arange(g)[:, None] * out_slots.shape[1]
+  if heads is not None:  # gather straight into [B, S, H, D]: no transposed copy
+    to_tokens_first = lambda x: x.reshape(g // heads, heads, s).transpose(0, 2, 1)
+    rows, ok = to_tokens_first(rows), to_tokens_first(ok)
+  out = out_slots.reshape(-1, out_slots.shape[-1])[rows]
+  return jnp.where(ok[..., None], out, 0).astype(q.dtype)
+
+
+def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale):
+  """What the kernel computes, tile by tile, in float32 jnp (the CPU check of the tables).
+
+  Returns the slot-space output [G, T * 128, D]. Follows the kernel's data path: padded
+  key rows are NaN and masked, compensation steps add the bias row. Small sizes only.
+  """
+  tile_c, tile_q0, n_exact, chunks, bias = tables
+  g, nt = tile_c.shape
+  d = q_sorted.shape[-1]
+  f32 = lambda x: x.astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+
+  def tile(gi, t):
+    c = jnp.maximum(tile_c[gi, t], 0)
+    rows = tile_q0[gi, t] * CHUNK + jnp.arange(TILE_Q)
+    qt = jnp.where((rows < q_sorted.shape[1])[:, None],
+                   f32(q_sorted[gi, jnp.minimum(rows, q_sorted.shape[1] - 1)]), 0.)
+    slot = jnp.arange(chunks.shape[-1] * CHUNK)
+    step = slot // BLOCK_K
+    krow = chunks[gi, c, slot // CHUNK] * CHUNK + slot % CHUNK
+    s = jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
+    s = jnp.where(jnp.isnan(s) | (step >= n_exact[gi, c])[None, :], -jnp.inf, s)
+    vals = f32(v_pad[gi, krow])
+    if num_comp:
+      crow = comp_base + jnp.arange(num_comp * BLOCK_K)
+      sc = (jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, crow]), precision=hi) * scale
+            + bias[gi, c][None, :])
+      s = jnp.concatenate([s, sc], 1)
+      vals = jnp.concatenate([vals, f32(v_pad[gi, crow])], 0)
+    m = jnp.max(s, axis=1, keepdims=True)
+    p = jnp.exp2(s - jnp.where(m == -jnp.inf, 0., m))
+    l = p.sum(axis=1, keepdims=True)
+    o = jnp.einsum("qk,kd->qd", p, vals, precision=hi) / jnp.where(l == 0, 1., l)
+    return jnp.where(tile_c[gi, t] >= 0, o, 0.)
+
+  out = jax.vmap(lambda gi: jax.vmap(lambda t: tile(gi, t))(jnp.arange(nt)))(jnp.arange(g))
+  return out.reshape(g, nt * TILE_Q, d)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "compensation", "sm_scale", "max_concurrent_steps", "emulate"))
+def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
+                          compensation: bool, sm_scale: float, q_index=None, kv_index=None,
+                          max_concurrent_steps: int = 2, emulate: bool = False):
+  """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
+
+  Args:
+    q, k, v: [G, S, D] in cluster-sorted order, or tokens-first [B, S, H, D] (G = B * H)
+      in token order read through q_index / kv_index; D a multiple of 64, bf16 or f16.
+    q_sizes, k_sizes, block_map, k_centroids, v_centroids, compensation, sm_scale, q_index,
+      kv_index: as in `sparse_attention`.
+    max_concurrent_steps: key steps in flight (shared-memory ring depth, >= 2).
+    emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
+
+  Returns:
+    q's shape and dtype, in q_index's token order when given. Positions of no query
+    cluster, and queries with nothing to attend, are 0.
+  """
+  if q.ndim not in (3, 4) or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q, k, v must share a [G, S, D] or [B, S, H, D] shape, got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  g = q.shape[0] * q.shape[2] if q.ndim == 4 else q.shape[0]
+  d = q.shape[-1]
+  if block_map.shape[0] != g:
+    raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
+  if not emulate:
+    if d % 64:
+      raise ValueError(f"head_dim {d} must be a multiple of 64 for the Mosaic GPU kernel")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"the Mosaic GPU kernel takes bf16 or f16 inputs, got {q.dtype}")
+  if max_concurrent_steps < 2:
+    raise ValueError("max_concurrent_steps must be >= 2")
+  smem = ((2 * BLOCK_Q + 2 * max_concurrent_steps * BLOCK_K) * d * q.dtype.itemsize
+          + max_concurrent_steps * BLOCK_K * 4)
+  if not emulate and smem > _SMEM_BYTES:
+    raise ValueError(f"max_concurrent_steps={max_concurrent_steps} with head_dim {d} needs "
+                     f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
+  tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
+      q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
+      compensation=compensation, q_index=q_index, kv_index=kv_index)
+  scale = sm_scale * _LOG2E
+  if emulate:
+    out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)
+  else:
+    out = _call(tables, q_sorted, k_pad, v_pad, mcs=max_concurrent_steps, scale=scale,
+                **statics)
+  return _finish(out, lay, q, q_index)

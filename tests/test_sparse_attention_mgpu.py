@@ -1,0 +1,163 @@
+"""Mosaic GPU sparse-attention kernel (pallas_kernels.sparse_attention_mgpu).
+
+On CPU: its tables and data path (padded sorted copies, NaN padding keys, chunk lists,
+compensation bias rows, slot-space output) through `emulate_kernel` against the float32
+token-level reference, and the Pallas -> Mosaic GPU lowering for CUDA (jax >= 0.11; the
+layout inference that rejects unaligned TMA rows runs there). On a Hopper GPU: the compiled
+kernel against the same reference.
+"""
+
+import functools
+import importlib
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svg_ear_jax import SvgEarConfig, svg_ear_attention
+from test_pallas_kernels import _args, _assert_close, _problem, sa
+
+# the package exports the function `sparse_attention_mgpu`, which shadows the module
+sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
+
+_ON_HOPPER = jax.default_backend() == "gpu" and any(
+    n in jax.devices()[0].device_kind for n in ("H100", "H200", "H800", "GH200"))
+
+
+def _ref(p, compensation, scale):
+  return sa.sparse_attention_reference(*_args(p), compensation=compensation, sm_scale=scale)
+
+
+@pytest.mark.parametrize("compensation,tiny,seed", [(True, False, 1), (False, False, 2),
+                                                    (True, True, 3)])
+def test_emulated_kernel_matches_reference(compensation, tiny, seed):
+  # clusters of 0, 1, 2 and 40 keys, an empty row, a row with one exact cluster,
+  # positions of no query cluster (cover 0.97)
+  p = _problem(seed, s=333, d=64, kq=5, kk=24, tiny=tiny)
+  out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=0.125,
+                                 emulate=True)
+  _assert_close(out, _ref(p, compensation, 0.125), jnp.float32)
+
+
+def test_emulated_kernel_tokens_first_with_permutations():
+  b, h, s = 2, 3, 200
+  g = b * h
+  p = _problem(8, g=g, s=s, d=64, kq=5, kk=12, cover=1.0)
+  rng = np.random.default_rng(1)
+  q_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+  kv_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
+  heads = jnp.arange(g)[:, None]
+  unperm = lambda x, idx: jnp.zeros_like(x).at[heads, idx].set(x)
+  tokens_first = lambda x: x.reshape(b, h, s, -1).transpose(0, 2, 1, 3)
+  args = _args(p)
+  args[:3] = [tokens_first(unperm(p[n], i)) for n, i in (("q", q_idx), ("k", kv_idx),
+                                                           ("v", kv_idx))]
+  out = sm.sparse_attention_mgpu(*args, compensation=True, sm_scale=0.2, q_index=q_idx,
+                                 kv_index=kv_idx, emulate=True)
+  assert out.shape == (b, s, h, 64)
+  got = out.transpose(0, 2, 1, 3).reshape(g, s, -1)[heads, q_idx]
+  _assert_close(got, _ref(p, True, 0.2), jnp.float32)
+
+
+def test_layout_chunks_cover_exactly_the_selected_keys():
+  p = _problem(5, s=333, d=8, kq=5, kk=24, tiny=True)
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333)
+  ks = np.asarray(p["k_sizes"])
+  bm = np.asarray(p["block_map"])
+  key_rows = np.asarray(lay["key_rows"])
+  chunks = np.asarray(lay["chunks"])
+  n_exact = np.asarray(lay["n_exact"])
+  k_lab = [np.repeat(np.arange(ks.shape[1]), ks[h]) for h in range(ks.shape[0])]
+  for h in range(bm.shape[0]):
+    # each padded row holds a distinct sorted key; padding only in a cluster's last chunk
+    real = key_rows[h][key_rows[h] >= 0]
+    np.testing.assert_array_equal(np.sort(real), np.arange(ks[h].sum()))
+    for c in range(bm.shape[1]):
+      lst = chunks[h, c]
+      used = lst[:n_exact[h, c] * sm.CHUNKS]
+      assert (lst[n_exact[h, c] * sm.CHUNKS:] == lay["nan_chunk"]).all()
+      rows = (used[used != lay["nan_chunk"]][:, None] * sm.CHUNK + np.arange(sm.CHUNK)).ravel()
+      keys = key_rows[h][rows]
+      keys = keys[keys >= 0]
+      want = np.flatnonzero(bm[h, c][k_lab[h]])
+      np.testing.assert_array_equal(np.sort(keys), want)
+      assert len(np.unique(keys)) == len(keys)
+
+
+def test_layout_query_slots_are_distinct_and_in_their_tile():
+  p = _problem(6, s=333, d=8, kq=5, kk=24)
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333)
+  qs = np.asarray(p["q_sizes"])
+  slot = np.asarray(lay["q_slot"])
+  tile_c = np.asarray(lay["tile_c"])
+  for h in range(qs.shape[0]):
+    lab = np.repeat(np.arange(qs.shape[1]), qs[h])
+    ok = slot[h] >= 0
+    assert ok.sum() == qs[h].sum() and not ok[qs[h].sum():].any()
+    assert len(np.unique(slot[h][ok])) == ok.sum()
+    np.testing.assert_array_equal(tile_c[h][slot[h][ok] // sm.TILE_Q], lab)
+
+
+def test_rejects_bad_inputs():
+  p = _problem(7, s=200, d=24, kq=5, kk=12)
+  kw = dict(compensation=True, sm_scale=0.2)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    sm.sparse_attention_mgpu(*_args(p), **kw)
+  p = _problem(7, s=200, d=64, kq=5, kk=12)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    sm.sparse_attention_mgpu(*_args(p), **kw)
+  args = _args(p)
+  with pytest.raises(ValueError, match="shape"):
+    sm.sparse_attention_mgpu(args[0][:, :100], *args[1:], **kw)
+  bf16 = [a.astype(jnp.bfloat16) if i < 3 else a for i, a in enumerate(args)]
+  with pytest.raises(ValueError, match="max_concurrent_steps"):
+    sm.sparse_attention_mgpu(*bf16, max_concurrent_steps=1, **kw)
+  p = _problem(7, s=200, d=128, kq=5, kk=12, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="shared memory"):
+    sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=3, **kw)
+
+
+def test_pipeline_mosaic_matches_triton_kernel():
+  # svg_ear_attention with each attention kernel (CPU: emulated Mosaic vs interpreted
+  # Triton; H100: both compiled), same clustering and routing
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  q, k, v = (jax.random.normal(x, (1, 400, 2, 64), jnp.float32).astype(jnp.bfloat16)
+             for x in ks)
+  cfg = SvgEarConfig(num_q_clusters=6, num_k_clusters=20, kmeans_iters=5, density=0.4,
+                     implementation="pallas")
+  out_t = svg_ear_attention(q, k, v, cfg.replace(attention_kernel="triton"))
+  out_m = svg_ear_attention(q, k, v, cfg.replace(attention_kernel="mosaic"))
+  diff = np.abs(np.asarray(out_m, np.float32) - np.asarray(out_t, np.float32))
+  assert diff.max() < 3e-2 and diff.mean() < 3e-3
+  with pytest.raises(ValueError, match="attention_kernel"):
+    SvgEarConfig(attention_kernel="cuda")
+  with pytest.raises(ValueError, match="multiple of 64"):
+    svg_ear_attention(q[..., :32], k[..., :32], v[..., :32],
+                      cfg.replace(attention_kernel="mosaic"))
+
+
+@pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
+                    reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
+def test_lowers_to_mosaic_gpu_for_cuda():
+  # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference)
+  p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
+  fn = functools.partial(sm.sparse_attention_mgpu, compensation=True, sm_scale=0.1)
+  exp = export.export(jax.jit(fn), platforms=["cuda"])(*_args(p))
+  assert "mosaic_gpu" in exp.mlir_module()
+
+
+@pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
+@pytest.mark.parametrize("compensation,tiny,seed,mcs,d", [(True, False, 1, 2, 128),
+                                                          (False, True, 2, 2, 128),
+                                                          (True, True, 3, 3, 64)])
+def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d):
+  p = _problem(seed, s=1000, d=d, kq=5, kk=24, tiny=tiny, dtype=jnp.bfloat16)
+  out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=d ** -0.5,
+                                 max_concurrent_steps=mcs)
+  emu = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=d ** -0.5,
+                                 emulate=True)
+  _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(emu, np.float32),
+                             atol=2e-2)
