@@ -1,6 +1,6 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|smoke] [budget_s]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -10,7 +10,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
   inputs: how the kernel gets its inputs, with random permutations: sorted copies made by
           XLA (gather, kernel, inverse gather) vs reading through the permutation indices,
           heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
-  smoke:  CPU interpret-mode run of `sweep` on tiny shapes (checks this script).
+  mosaic: the Mosaic GPU kernel (Hopper) per chunk size vs the Triton kernel.
+  smoke:  CPU interpret-mode run of the other modes on tiny shapes (checks this script).
 """
 
 import functools
@@ -28,6 +29,7 @@ from benchmarks import timing
 from pallas_kernels import sparse_layout as sl
 
 sa = importlib.import_module("pallas_kernels.sparse_attention")  # the package shadows it
+sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
 
 _LOG = os.path.join(os.environ.get("OUT", "/tmp"), "gpu_log.jsonl")
 
@@ -212,6 +214,57 @@ def inputs(configs, budget_end, problem=None, interpret=False):
         emit(what="inputs", cfg=cfg, mode=mode, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
+def mosaic(chunks, budget_end, problem=None, emulate=False):
+  """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
+
+  Per chunk size: the kernel alone on prepared tables, the whole call (sorted copies,
+  tables, output gather), useful TFLOP/s (exact area) and visited TFLOP/s (every exact key
+  slot the kernel computes, padding included), and the largest difference from the Triton
+  output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in interpret mode.
+  """
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  scale = d ** -0.5
+  useful = 4 * d * area
+  emit(what="problem", G=g, S=s, D=d, Kq=args[5].shape[1], Kk=args[5].shape[2],
+       density=area / (g * s * s))
+  tri_cfg = (dict(block_q=16, block_k=16, block_c=16) if emulate else
+             dict(block_q=128, block_k=128, block_c=64, tail_block_q=64, num_warps=8,
+                  num_stages=3))
+  tri = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
+                                  interpret=emulate, **tri_cfg))
+  ref = tri(*args).astype(jnp.float32)
+  ms, how = timing.measure_ms(tri, *args)
+  emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
+  for chunk in chunks:
+    if time.time() > budget_end:
+      emit(what="skipped", chunk=chunk)
+      continue
+    try:
+      whole = jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
+                                        sm_scale=scale, chunk_rows=chunk, emulate=emulate))
+      out = whole(*args).astype(jnp.float32)
+      ms_whole, how = timing.measure_ms(whole, *args)
+      prep = jax.jit(lambda *a: sm.prepare_mgpu(*a, compensation=True, chunk=chunk)[:4])
+      tables, qp, kp, vp = prep(*args)
+      statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
+      if emulate:
+        kern = functools.partial(sm.emulate_kernel, scale=scale * sm._LOG2E, **statics)
+      else:
+        kern = functools.partial(sm._call, mcs=2, scale=scale * sm._LOG2E, **statics)
+      ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
+      tile_c, _, n_exact = tables[:3]
+      steps = int(jnp.sum(jnp.where(tile_c >= 0, jnp.take_along_axis(
+          n_exact, jnp.maximum(tile_c, 0), 1), 0)))
+      emit(what="mosaic", chunk_rows=chunk, kernel_ms=ms_kernel, whole_ms=ms_whole,
+           useful_tflops=useful / ms_kernel / 1e9,
+           visited_tflops=4 * d * steps * sm.BLOCK_K * sm.TILE_Q / ms_kernel / 1e9,
+           max_diff_vs_triton=float(jnp.max(jnp.abs(out - ref))),
+           mem_gb=timing.compiled_memory_gb(whole, *args), timing=how)
+    except Exception as e:  # report and go on
+      emit(what="mosaic", chunk_rows=chunk, error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
 INPUT_CONFIGS = [
     dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2, tail_block_q=64),
     dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=3, tail_block_q=64),
@@ -232,12 +285,15 @@ def main():
       pytest_gpu(["tests/test_pallas_kernels.py"], left - 10)
   elif mode == "inputs":
     inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
+  elif mode == "mosaic":
+    mosaic([16, 8, 32, 64], start + budget)
   elif mode == "smoke":  # CPU, interpret mode, tiny shapes: checks this script runs
     small = [dict(block_q=16, block_k=16, block_c=16),
              dict(block_q=32, block_k=16, block_c=16, tail_block_q=16, layout="flat")]
     problem = dict(g=2, s=600, d=32, kq=6, kk=20)
     attention(small, start + budget, interpret=True, problem=problem)
     inputs(small[:1], start + budget, problem=problem, interpret=True)
+    mosaic([16, 8], start + budget, problem=problem, emulate=True)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,24 @@ attention reaches ~580 (benchmarks/results/kernels_h100.md). This kernel is that
 a per-query-cluster list of key chunks instead of a contiguous key range:
 
 - Keys and values are copied sorted by key cluster, each cluster padded to a multiple of
-  CHUNK rows (`_padded_keys`). A 128-slot key step is CHUNKS TMA copies of CHUNK rows, so
-  any set of clusters packs into full steps with < CHUNK wasted slots per cluster.
+  `chunk_rows` (default CHUNK = 16) rows (`_padded_rows`): TMA cannot gather rows. A
+  128-slot key step is 128 / chunk_rows TMA copies of chunk_rows rows, so any set of
+  clusters packs into full steps with < chunk_rows wasted slots per cluster.
 - Padding key rows are NaN (their values 0): q.k is NaN there for every query, which the
   kernel turns into -inf. No per-step mask metadata is needed.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
-- Query tiles are 128 rows of one query cluster (read from a cluster-sorted copy; rows
-  past the cluster are computed and dropped). Outputs go to tile slots and are gathered
-  back to token order by XLA.
+- Query tiles are 128 rows of one query cluster, read from a cluster-sorted copy padded
+  likewise (Mosaic must prove every TMA row offset a multiple of 8); rows past the cluster
+  are computed and dropped. Outputs go to tile slots and are gathered back to the caller's
+  layout and token order by XLA.
+- The grid is (head, tile): the CTAs in flight share one head's keys and values.
 
-Hopper only (sm_90a); there is no CPU interpret path for it in jax 0.10/0.11, so its tests
-run on a GPU against the float32 reference.
+Costs beyond the Triton kernel: the sorted copies and the slot buffer (~2.2x the dense
+call's memory at Wan 720p instead of 1.1x). Hopper only (sm_90a). Mosaic GPU's interpret
+mode (jax 0.11) does not run kernels of this shape, so CPU tests check `emulate_kernel` (the
+same tables and data path in jnp) and the lowering to CUDA; the compiled kernel is tested
+on an H100 against the float32 reference.
 """
 
 import functools
@@ -33,16 +39,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # Key rows per TMA copy; key clusters are padded to a multiple of it. H100, Wan 720p kernel
 # problem at density 0.25 (benchmarks/results/kernels_h100.md): 8 -> 87.1 ms, 16 -> 79.6 ms
-# (fewer copies per step outweigh 5% more padding), 64 -> 91.9 ms (padding dominates).
+# (fewer copies per step outweigh ~5% more padding); without compensation 8 -> 80.0 ms and
+# 64 -> 91.9 ms (padding dominates).
 CHUNK = 16
 _SMEM_BYTES = 232448 - 4096  # H100 per-block limit, less barriers and alignment
 BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
 TILE_Q = 2 * BLOCK_Q
 BLOCK_K = 128  # key slots per pipeline step
-CHUNKS = BLOCK_K // CHUNK
 _LOG2E = math.log2(math.e)
 
 
@@ -51,8 +58,11 @@ def _cdiv(a, b):
 
 
 def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_ref, v_ref,
-            out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype):
-  import jax.experimental.pallas.mosaic_gpu as plgpu
+            out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype, chunk):
+  """One CTA = one 128-row query tile (head g, tile t); warpgroups 0, 1 compute 64 rows
+  each, warpgroup 2 streams the key steps (exact chunk steps, then compensation steps)
+  through an `mcs`-deep shared-memory ring. Tables as in `sparse_layout_mgpu`."""
+  per_step = BLOCK_K // chunk
   (qo_smem2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar), (k_used, v_used), sched = (
       scoped)
   t = lax.axis_index("tile")
@@ -75,8 +85,8 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
     @pl.when(live)
     def _():
       qo = qo_smem2.at[wg]
-      # row offsets are written as (x * 8): Mosaic must prove TMA rows 8-aligned
-      q_row = tile_q0_ref[g, t] * CHUNK + wg * BLOCK_Q
+      # row offsets are written as (x * chunk): Mosaic must prove TMA rows 8-aligned
+      q_row = tile_q0_ref[g, t] * chunk + wg * BLOCK_Q
       plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
       m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
@@ -151,15 +161,15 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
 
     def sources(i):
       exact = i < n_exact
-      row = jnp.minimum(i, max_steps - 1) * CHUNKS
-      comp_chunk = comp_base // CHUNK + (i - n_exact) * CHUNKS
-      return exact, [jnp.where(exact, chunk_ref[g, c, row + j], comp_chunk + j) * CHUNK
-                     for j in range(CHUNKS)]
+      row = jnp.minimum(i, max_steps - 1) * per_step
+      comp_chunk = comp_base // chunk + (i - n_exact) * per_step
+      return exact, [jnp.where(exact, chunk_ref[g, c, row + j], comp_chunk + j) * chunk
+                     for j in range(per_step)]
 
     def issue_k(i, slot, exact, rows):
       for j, r in enumerate(rows):
-        plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, CHUNK)],
-                                k_smem.at[slot, pl.ds(j * CHUNK, CHUNK)], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, chunk)],
+                                k_smem.at[slot, pl.ds(j * chunk, chunk)], k_bar.at[slot])
       if num_comp:
         @pl.when(~exact)
         def _():
@@ -168,8 +178,8 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
 
     def issue_v(slot, rows):
       for j, r in enumerate(rows):
-        plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, CHUNK)],
-                                v_smem.at[slot, pl.ds(j * CHUNK, CHUNK)], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, chunk)],
+                                v_smem.at[slot, pl.ds(j * chunk, chunk)], v_bar.at[slot])
 
     @pl.when(live)
     def _():
@@ -191,13 +201,14 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
         issue_v(slot, rows)
 
 
-def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale):
-  import jax.experimental.pallas.mosaic_gpu as plgpu
+def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, chunk):
+  """The kernel on prepared inputs (`prepare_mgpu`): slot-space output [G, T * 128, D]."""
+  per_step = BLOCK_K // chunk
   tile_c, tile_q0, n_exact, chunks, bias = tables
   g, num_tiles = tile_c.shape
   d = q_sorted.shape[-1]
   dtype = q_sorted.dtype
-  max_steps = chunks.shape[-1] // CHUNKS
+  max_steps = chunks.shape[-1] // per_step
 
   def entry(*refs):
     tiling = plgpu.TilingTransform((8, 64))
@@ -209,15 +220,16 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale):
         plgpu.SMEM((mcs, BLOCK_K), jnp.float32),
     )
     barriers = (
-        plgpu.Barrier(num_arrivals=CHUNKS, num_barriers=mcs),
-        plgpu.Barrier(num_arrivals=CHUNKS, num_barriers=mcs),
+        plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
+        plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
         plgpu.Barrier(num_barriers=mcs),
         plgpu.Barrier(num_barriers=2),
     )
     used = (plgpu.Barrier(num_arrivals=2, num_barriers=mcs),) * 2
     pl.run_scoped(
         lambda *scoped: _kernel(*refs, scoped, num_comp=num_comp, comp_base=comp_base,
-                                max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype),
+                                max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype,
+                                chunk=chunk),
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   return plgpu.kernel(
@@ -237,7 +249,7 @@ def _searchsorted_rows(ends, x):
   return jax.vmap(lambda e, y: jnp.searchsorted(e, y, side="right"))(ends, x).astype(jnp.int32)
 
 
-def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
+def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK):
   """Tables of the Mosaic GPU kernel (pure jnp; shapes static in S, Kq, Kk).
 
   Args:
@@ -245,23 +257,25 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
     k_sizes: [G, Kk] int, key cluster sizes likewise.
     block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
     seq_len: S.
+    chunk: key (and query) rows per chunk; clusters are padded to a multiple of it.
 
   Returns:
     dict with
       tile_c [G, T] int32: query cluster of 128-row tile t (-1: no tile),
-      tile_q0 [G, T] int32: its first row in the padded queries, in units of CHUNK,
+      tile_q0 [G, T] int32: its first row in the padded queries, in units of chunk,
       query_rows [G, QR] int32: sorted query position of each padded query row (-1 =
-        padding; query clusters are padded to a multiple of CHUNK rows too),
+        padding; query clusters are padded to a multiple of chunk rows too),
       n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
-      chunks [G, Kq, max_steps * CHUNKS] int32: CHUNK-row chunk indices into the padded
-        keys (`nan_chunk` past the list's end),
-      key_rows [G, key_chunks * CHUNK] int32: sorted key position of each padded key row
+      chunks [G, Kq, max_steps * BLOCK_K // chunk] int32: chunk indices (in units of
+        `chunk` rows) into the padded keys (`nan_chunk` past the list's end),
+      key_rows [G, key_chunks * chunk] int32: sorted key position of each padded key row
         (-1 = padding),
       q_slot [G, S] int32: output slot of each sorted query position (-1: no cluster),
-    and the statics num_tiles, key_chunks, nan_chunk, comp_base (first centroid row).
+    and the statics num_tiles, key_chunks, nan_chunk, comp_base (first centroid row), chunk.
   """
   g, kq, kk = block_map.shape
   s = seq_len
+  per_step = BLOCK_K // chunk
   q_sizes = q_sizes.astype(jnp.int32)
   k_sizes = k_sizes.astype(jnp.int32)
   # query tiles: ceil(n_i / 128) per cluster, in cluster order
@@ -273,9 +287,9 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
   num_tiles = _cdiv(s, TILE_Q) + kq  # sum of ceil(n_i / 128) <= S / 128 + Kq
   tc = _searchsorted_rows(t_end, jnp.arange(num_tiles))
   tcs = jnp.minimum(tc, kq - 1)
-  query_rows, qch_start = _padded_rows(q_sizes, q_off, _cdiv(s, CHUNK) + kq)
+  query_rows, qch_start = _padded_rows(q_sizes, q_off, _cdiv(s, chunk) + kq, chunk)
   tile_q0 = (jnp.take_along_axis(qch_start, tcs, 1)
-             + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // CHUNK))
+             + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // chunk))
   tile_c = jnp.where(tc < kq, tc, -1)
   pos = jnp.arange(s)
   qc = _searchsorted_rows(q_end, pos)
@@ -284,10 +298,10 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
             - jnp.take_along_axis(q_off, qcs, 1))
   q_slot = jnp.where(qc < kq, q_slot, -1)
 
-  nch = _cdiv(k_sizes, CHUNK)
-  key_chunks = _cdiv(s, CHUNK) + kk  # sum of ceil(n_j / 8) <= S / 8 + Kk
+  nch = _cdiv(k_sizes, chunk)
+  key_chunks = _cdiv(s, chunk) + kk  # sum of ceil(n_j / chunk) <= S / chunk + Kk
   key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
-                                     key_chunks)
+                                     key_chunks, chunk)
 
   # chunk list of query cluster i: the chunk runs of its exact key clusters, in j order
   sel = block_map & (nch > 0)[:, None, :]
@@ -295,8 +309,8 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
   c_end = jnp.cumsum(cnt, axis=-1)
   c_start = c_end - cnt
   n_chunks = c_end[..., -1]
-  max_steps = _cdiv(key_chunks, CHUNKS)
-  width = max_steps * CHUNKS
+  max_steps = _cdiv(key_chunks, per_step)
+  width = max_steps * per_step
   j_ids = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (g, kq, kk))
   gi = jnp.arange(g)[:, None, None]
   ci = jnp.arange(kq)[None, :, None]
@@ -310,23 +324,23 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int):
   nan_chunk = key_chunks
   chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
   return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32), query_rows=query_rows,
-              n_exact=_cdiv(n_chunks, CHUNKS).astype(jnp.int32), chunks=chunks,
+              n_exact=_cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
               key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
               num_tiles=num_tiles, key_chunks=key_chunks, nan_chunk=nan_chunk,
-              comp_base=(key_chunks + 1) * CHUNK)
+              comp_base=(key_chunks + 1) * chunk, chunk=chunk)
 
 
-def _padded_rows(sizes, offsets, num_chunks):
-  """Clusters padded to CHUNK-row multiples: ([G, num_chunks * CHUNK] sorted position of
+def _padded_rows(sizes, offsets, num_chunks, chunk):
+  """Clusters padded to chunk-row multiples: ([G, num_chunks * chunk] sorted position of
   each padded row (-1 = padding), [G, K] first chunk of each cluster)."""
   k = sizes.shape[-1]
-  nch = _cdiv(sizes, CHUNK)
+  nch = _cdiv(sizes, chunk)
   ch_end = jnp.cumsum(nch, axis=-1)
   ch_start = ch_end - nch
-  prow = jnp.arange(num_chunks * CHUNK)
-  cl = _searchsorted_rows(ch_end, prow // CHUNK)
+  prow = jnp.arange(num_chunks * chunk)
+  cl = _searchsorted_rows(ch_end, prow // chunk)
   cls = jnp.minimum(cl, k - 1)
-  within = prow - jnp.take_along_axis(ch_start, cls, 1) * CHUNK
+  within = prow - jnp.take_along_axis(ch_start, cls, 1) * chunk
   rows = jnp.where((cl < k) & (within < jnp.take_along_axis(sizes, cls, 1)),
                    jnp.take_along_axis(offsets, cls, 1) + within, -1)
   return rows.astype(jnp.int32), ch_start
@@ -353,12 +367,12 @@ def _heads_first_rows(x, rows, index, heads):
 
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
-                 compensation, q_index=None, kv_index=None):
+                 compensation, q_index=None, kv_index=None, chunk=CHUNK):
   """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout)."""
   heads = q.shape[2] if q.ndim == 4 else None
   s = q.shape[1]
   g, kq, kk = block_map.shape
-  lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s)
+  lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk)
   q_sorted, _ = _heads_first_rows(q, lay["query_rows"], q_index, heads)
   kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, heads)
   vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, heads)
@@ -367,7 +381,7 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   vp = jnp.where(ok[..., None], vp, 0)
   kkp = _cdiv(kk, BLOCK_K) * BLOCK_K
   pad_c = ((0, 0), (0, kkp - kk), (0, 0))
-  nan_rows = jnp.full((g, CHUNK, d), jnp.nan, kp.dtype)
+  nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
   k_pad = jnp.concatenate([kp, nan_rows, jnp.pad(k_centroids.astype(kp.dtype), pad_c)], 1)
   v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows),
                            jnp.pad(v_centroids.astype(vp.dtype), pad_c)], 1)
@@ -379,8 +393,16 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   else:
     bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
   tables = (lay["tile_c"], lay["tile_q0"], lay["n_exact"], lay["chunks"], bias)
-  statics = dict(num_comp=kkp // BLOCK_K if compensation else 0, comp_base=lay["comp_base"])
+  statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   return tables, q_sorted, k_pad, v_pad, statics, lay
+
+
+def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation: bool,
+                   chunk: int = CHUNK) -> dict:
+  """Static arguments of the kernel (`_call`) and `emulate_kernel` for these sizes."""
+  key_chunks = _cdiv(seq_len, chunk) + num_k_clusters  # as in sparse_layout_mgpu
+  return dict(num_comp=_cdiv(num_k_clusters, BLOCK_K) if compensation else 0,
+              comp_base=(key_chunks + 1) * chunk, chunk=chunk)
 
 
 def _finish(out_slots, lay, q, q_index):
@@ -401,7 +423,7 @@ def _finish(out_slots, lay, q, q_index):
   return jnp.where(ok[..., None], out, 0).astype(q.dtype)
 
 
-def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale):
+def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale, chunk):
   """What the kernel computes, tile by tile, in float32 jnp (the CPU check of the tables).
 
   Returns the slot-space output [G, T * 128, D]. Follows the kernel's data path: padded
@@ -415,12 +437,12 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
 
   def tile(gi, t):
     c = jnp.maximum(tile_c[gi, t], 0)
-    rows = tile_q0[gi, t] * CHUNK + jnp.arange(TILE_Q)
+    rows = tile_q0[gi, t] * chunk + jnp.arange(TILE_Q)
     qt = jnp.where((rows < q_sorted.shape[1])[:, None],
                    f32(q_sorted[gi, jnp.minimum(rows, q_sorted.shape[1] - 1)]), 0.)
-    slot = jnp.arange(chunks.shape[-1] * CHUNK)
+    slot = jnp.arange(chunks.shape[-1] * chunk)
     step = slot // BLOCK_K
-    krow = chunks[gi, c, slot // CHUNK] * CHUNK + slot % CHUNK
+    krow = chunks[gi, c, slot // chunk] * chunk + slot % chunk
     s = jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
     s = jnp.where(jnp.isnan(s) | (step >= n_exact[gi, c])[None, :], -jnp.inf, s)
     vals = f32(v_pad[gi, krow])
@@ -441,10 +463,11 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "compensation", "sm_scale", "max_concurrent_steps", "emulate"))
+    "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation: bool, sm_scale: float, q_index=None, kv_index=None,
-                          max_concurrent_steps: int = 2, emulate: bool = False):
+                          max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
+                          emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -453,6 +476,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     q_sizes, k_sizes, block_map, k_centroids, v_centroids, compensation, sm_scale, q_index,
       kv_index: as in `sparse_attention`.
     max_concurrent_steps: key steps in flight (shared-memory ring depth, >= 2).
+    chunk_rows: rows per TMA copy of keys/values (8, 16, 32 or 64); every query and key
+      cluster is padded to a multiple of it.
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -473,6 +498,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
       raise ValueError(f"the Mosaic GPU kernel takes bf16 or f16 inputs, got {q.dtype}")
   if max_concurrent_steps < 2:
     raise ValueError("max_concurrent_steps must be >= 2")
+  if chunk_rows not in (8, 16, 32, 64):
+    raise ValueError(f"chunk_rows must be 8, 16, 32 or 64, got {chunk_rows}")
   smem = ((2 * BLOCK_Q + 2 * max_concurrent_steps * BLOCK_K) * d * q.dtype.itemsize
           + max_concurrent_steps * BLOCK_K * 4)
   if not emulate and smem > _SMEM_BYTES:
@@ -480,7 +507,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
   tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
-      compensation=compensation, q_index=q_index, kv_index=kv_index)
+      compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows)
   scale = sm_scale * _LOG2E
   if emulate:
     out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)

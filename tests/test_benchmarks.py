@@ -75,3 +75,6 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert len(runs) == 2 + 1 + 3 and not [x for x in runs if "error" in x]
   assert all(x["max_diff_vs_first"] < 2e-3 for x in runs if "max_diff_vs_first" in x)
   assert all(x["max_err_vs_f32_rows"] < 2e-3 for x in runs if x["what"] == "sparse")
+  mosaic = [x for x in lines if x["what"] == "mosaic"]
+  assert [x["chunk_rows"] for x in mosaic] == [16, 8] and not [x for x in mosaic if "error" in x]
+  assert all(x["max_diff_vs_triton"] < 2e-2 and x["useful_tflops"] > 0 for x in mosaic)

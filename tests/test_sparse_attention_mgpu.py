@@ -30,14 +30,16 @@ def _ref(p, compensation, scale):
   return sa.sparse_attention_reference(*_args(p), compensation=compensation, sm_scale=scale)
 
 
-@pytest.mark.parametrize("compensation,tiny,seed", [(True, False, 1), (False, False, 2),
-                                                    (True, True, 3)])
-def test_emulated_kernel_matches_reference(compensation, tiny, seed):
+@pytest.mark.parametrize("compensation,tiny,seed,chunk", [(True, False, 1, 16),
+                                                          (False, False, 2, 16),
+                                                          (True, True, 3, 16), (True, True, 4, 8),
+                                                          (True, False, 5, 64)])
+def test_emulated_kernel_matches_reference(compensation, tiny, seed, chunk):
   # clusters of 0, 1, 2 and 40 keys, an empty row, a row with one exact cluster,
   # positions of no query cluster (cover 0.97)
   p = _problem(seed, s=333, d=64, kq=5, kk=24, tiny=tiny)
   out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=0.125,
-                                 emulate=True)
+                                 chunk_rows=chunk, emulate=True)
   _assert_close(out, _ref(p, compensation, 0.125), jnp.float32)
 
 
@@ -61,9 +63,12 @@ def test_emulated_kernel_tokens_first_with_permutations():
   _assert_close(got, _ref(p, True, 0.2), jnp.float32)
 
 
-def test_layout_chunks_cover_exactly_the_selected_keys():
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_layout_chunks_cover_exactly_the_selected_keys(chunk):
   p = _problem(5, s=333, d=8, kq=5, kk=24, tiny=True)
-  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333)
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333,
+                              chunk=chunk)
+  per_step = sm.BLOCK_K // chunk
   ks = np.asarray(p["k_sizes"])
   bm = np.asarray(p["block_map"])
   key_rows = np.asarray(lay["key_rows"])
@@ -76,9 +81,9 @@ def test_layout_chunks_cover_exactly_the_selected_keys():
     np.testing.assert_array_equal(np.sort(real), np.arange(ks[h].sum()))
     for c in range(bm.shape[1]):
       lst = chunks[h, c]
-      used = lst[:n_exact[h, c] * sm.CHUNKS]
-      assert (lst[n_exact[h, c] * sm.CHUNKS:] == lay["nan_chunk"]).all()
-      rows = (used[used != lay["nan_chunk"]][:, None] * sm.CHUNK + np.arange(sm.CHUNK)).ravel()
+      used = lst[:n_exact[h, c] * per_step]
+      assert (lst[n_exact[h, c] * per_step:] == lay["nan_chunk"]).all()
+      rows = (used[used != lay["nan_chunk"]][:, None] * chunk + np.arange(chunk)).ravel()
       keys = key_rows[h][rows]
       keys = keys[keys >= 0]
       want = np.flatnonzero(bm[h, c][k_lab[h]])
@@ -114,6 +119,8 @@ def test_rejects_bad_inputs():
   bf16 = [a.astype(jnp.bfloat16) if i < 3 else a for i, a in enumerate(args)]
   with pytest.raises(ValueError, match="max_concurrent_steps"):
     sm.sparse_attention_mgpu(*bf16, max_concurrent_steps=1, **kw)
+  with pytest.raises(ValueError, match="chunk_rows"):
+    sm.sparse_attention_mgpu(*bf16, chunk_rows=12, **kw)
   p = _problem(7, s=200, d=128, kq=5, kk=12, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="shared memory"):
     sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=3, **kw)
@@ -140,24 +147,26 @@ def test_pipeline_mosaic_matches_triton_kernel():
 
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
-def test_lowers_to_mosaic_gpu_for_cuda():
+@pytest.mark.parametrize("chunk", [16, 8])
+def test_lowers_to_mosaic_gpu_for_cuda(chunk):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference)
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
-  fn = functools.partial(sm.sparse_attention_mgpu, compensation=True, sm_scale=0.1)
+  fn = functools.partial(sm.sparse_attention_mgpu, compensation=True, sm_scale=0.1,
+                         chunk_rows=chunk)
   exp = export.export(jax.jit(fn), platforms=["cuda"])(*_args(p))
   assert "mosaic_gpu" in exp.mlir_module()
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
-@pytest.mark.parametrize("compensation,tiny,seed,mcs,d", [(True, False, 1, 2, 128),
-                                                          (False, True, 2, 2, 128),
-                                                          (True, True, 3, 3, 64)])
-def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d):
+@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk", [(True, False, 1, 2, 128, 16),
+                                                                (False, True, 2, 2, 128, 16),
+                                                                (True, True, 3, 3, 64, 16),
+                                                                (True, True, 4, 2, 128, 8)])
+def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk):
   p = _problem(seed, s=1000, d=d, kq=5, kk=24, tiny=tiny, dtype=jnp.bfloat16)
-  out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=d ** -0.5,
-                                 max_concurrent_steps=mcs)
-  emu = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=d ** -0.5,
-                                 emulate=True)
+  kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk)
+  out = sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=mcs, **kw)
+  emu = sm.sparse_attention_mgpu(*_args(p), emulate=True, **kw)
   _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(emu, np.float32),
                              atol=2e-2)
