@@ -33,7 +33,8 @@ class SvgEarConfig:
     implementation: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla" or "reference".
     attention_kernel: which Pallas kernel computes the attention when the implementation is
       "pallas": "triton" (any GPU), "mosaic" (Mosaic GPU, Hopper; bf16/f16, head_dim a
-      multiple of 64; emulated in jnp off-GPU) or "auto" (mosaic where it applies).
+      multiple of 64; off-GPU a jnp emulation of it, for tests at small sizes) or "auto"
+      (mosaic on H100/H200-class GPUs where it applies, else triton).
     seed: PRNG seed of the cold-start k-means initialisation.
     xla_chunk_mb: bound (MiB) on the f32 temporaries of one chunk of the XLA path (k-means
       distances, probe logits, attention logits); the S x S or N x K matrices of all heads
