@@ -58,17 +58,9 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   q, k, v are tokens-first [B, S, H, D], read through the clusterings' permutations as in
   the pipeline; the permutations are computed outside the timed call.
   """
-  import pallas_kernels
   q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
   k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-  if pipeline._use_mosaic(cfg, q):
-    kernel = jax.jit(functools.partial(
-        pallas_kernels.sparse_attention_mgpu, compensation=cfg.compensation,
-        sm_scale=q.shape[-1] ** -0.5))
-  else:
-    kernel = jax.jit(functools.partial(
-        pallas_kernels.sparse_attention, compensation=cfg.compensation,
-        sm_scale=q.shape[-1] ** -0.5, **pipeline._attention_blocks()))
+  kernel = jax.jit(pipeline.attention_kernel(cfg, q))
   ms, _ = timing.measure_ms(
       lambda *a: kernel(*a[:8], q_index=a[8], kv_index=a[9]), q, k, v, q_lay.sizes,
       k_lay.sizes, block_map, clusters.k.centroids, clusters.v_centroids, q_lay.perm,

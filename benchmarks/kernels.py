@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks import timing
 from pallas_kernels import sparse_layout as sl
+from svg_ear_jax import pipeline
 
 sa = importlib.import_module("pallas_kernels.sparse_attention")  # the package shadows it
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
@@ -228,11 +229,9 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   useful = 4 * d * area
   emit(what="problem", G=g, S=s, D=d, Kq=args[5].shape[1], Kk=args[5].shape[2],
        density=area / (g * s * s))
-  tri_cfg = (dict(block_q=16, block_k=16, block_c=16) if emulate else
-             dict(block_q=128, block_k=128, block_c=64, tail_block_q=64, num_warps=8,
-                  num_stages=3))
+  # the tiles the pipeline ships (interpret-mode tiles off GPU)
   tri = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
-                                  interpret=emulate, **tri_cfg))
+                                  interpret=emulate, **pipeline._attention_blocks()))
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)

@@ -1,4 +1,4 @@
-"""Small helpers shared by the kernels: power-of-two padding and tile-size checks."""
+"""Small helpers shared by the kernels: power-of-two padding, tile-size and input checks."""
 
 
 def next_pow2(n: int) -> int:
@@ -10,3 +10,15 @@ def check_block(name: str, b: int) -> None:
   """Tile sizes must be powers of two >= 16 (Triton shapes, and the minimum dot extent)."""
   if b < 16 or b & (b - 1):
     raise ValueError(f"{name}={b} must be a power of two >= 16")
+
+
+def check_heads(q, k, v, block_map):
+  """(G, H) of attention inputs after checking them: q, k, v share a [G, S, D] shape (H is
+  None) or a tokens-first [B, S, H, D] one (G = B * H), and block_map [G, ...] matches."""
+  if q.ndim not in (3, 4) or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q, k, v shapes differ or are neither [G, S, D] nor [B, S, H, D]: "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  g, h = (q.shape[0] * q.shape[2], q.shape[2]) if q.ndim == 4 else (q.shape[0], None)
+  if block_map.shape[0] != g:
+    raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
+  return g, h

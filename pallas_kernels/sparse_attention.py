@@ -215,16 +215,8 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
 def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, compensation,
              sm_scale, q_index, kv_index, layout, block_q, block_k, block_c, tail_block_q):
   """Kernel inputs (dict), query-tile tables (one per pass) and kernel statics."""
-  if q.ndim == 4:
-    b, s, h, _ = q.shape
-    g = b * h
-  else:
-    g, s, _ = q.shape
-    h = None
-  if k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
-  if block_map.shape[0] != g:
-    raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
+  g, h = common.check_heads(q, k, v, block_map)
+  s = q.shape[1]
   kk = block_map.shape[-1]
   for name, b in (("block_q", block_q), ("block_k", block_k), ("block_c", block_c)):
     common.check_block(name, b)

@@ -41,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
+
 # Key rows per TMA copy; key clusters are padded to a multiple of it. H100, Wan 720p kernel
 # problem at density 0.25 (benchmarks/results/kernels_h100.md): 8 -> 87.1 ms, 16 -> 79.6 ms
 # (fewer copies per step outweigh ~5% more padding); without compensation 8 -> 80.0 ms and
@@ -55,6 +57,14 @@ _LOG2E = math.log2(math.e)
 
 def _cdiv(a, b):
   return -(-a // b)
+
+
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (what this kernel compiles for)."""
+  if jax.default_backend() != "gpu":
+    return False
+  kind = jax.devices()[0].device_kind
+  return any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
 def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_ref, v_ref,
@@ -243,10 +253,13 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
 
 
 def _searchsorted_rows(ends, x):
-  """[G, N] per-row searchsorted(ends[g], x[g] or x, side="right")."""
-  if x.ndim == 1:
-    return jax.vmap(lambda e: jnp.searchsorted(e, x, side="right"))(ends).astype(jnp.int32)
-  return jax.vmap(lambda e, y: jnp.searchsorted(e, y, side="right"))(ends, x).astype(jnp.int32)
+  """[G, N] per-row searchsorted(ends[g], x, side="right") for one [N] x."""
+  return jax.vmap(lambda e: jnp.searchsorted(e, x, side="right"))(ends).astype(jnp.int32)
+
+
+def _key_chunks(seq_len, num_k_clusters, chunk):
+  """Chunks of the padded keys: sum_j ceil(n_j / chunk) <= S / chunk + Kk."""
+  return _cdiv(seq_len, chunk) + num_k_clusters
 
 
 def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK):
@@ -271,7 +284,7 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
       key_rows [G, key_chunks * chunk] int32: sorted key position of each padded key row
         (-1 = padding),
       q_slot [G, S] int32: output slot of each sorted query position (-1: no cluster),
-    and the statics num_tiles, key_chunks, nan_chunk, comp_base (first centroid row), chunk.
+    and nan_chunk (the all-NaN chunk after the keys; centroid rows follow it).
   """
   g, kq, kk = block_map.shape
   s = seq_len
@@ -299,7 +312,7 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   q_slot = jnp.where(qc < kq, q_slot, -1)
 
   nch = _cdiv(k_sizes, chunk)
-  key_chunks = _cdiv(s, chunk) + kk  # sum of ceil(n_j / chunk) <= S / chunk + Kk
+  key_chunks = _key_chunks(s, kk, chunk)
   key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
                                      key_chunks, chunk)
 
@@ -326,8 +339,7 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32), query_rows=query_rows,
               n_exact=_cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
               key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
-              num_tiles=num_tiles, key_chunks=key_chunks, nan_chunk=nan_chunk,
-              comp_base=(key_chunks + 1) * chunk, chunk=chunk)
+              nan_chunk=nan_chunk)
 
 
 def _padded_rows(sizes, offsets, num_chunks, chunk):
@@ -400,9 +412,10 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
 def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation: bool,
                    chunk: int = CHUNK) -> dict:
   """Static arguments of the kernel (`_call`) and `emulate_kernel` for these sizes."""
-  key_chunks = _cdiv(seq_len, chunk) + num_k_clusters  # as in sparse_layout_mgpu
+  # centroid rows follow the keys and the one NaN chunk (see prepare_mgpu)
+  comp_base = (_key_chunks(seq_len, num_k_clusters, chunk) + 1) * chunk
   return dict(num_comp=_cdiv(num_k_clusters, BLOCK_K) if compensation else 0,
-              comp_base=(key_chunks + 1) * chunk, chunk=chunk)
+              comp_base=comp_base, chunk=chunk)
 
 
 def _finish(out_slots, lay, q, q_index):
@@ -484,13 +497,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     q's shape and dtype, in q_index's token order when given. Positions of no query
     cluster, and queries with nothing to attend, are 0.
   """
-  if q.ndim not in (3, 4) or k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"q, k, v must share a [G, S, D] or [B, S, H, D] shape, got "
-                     f"{q.shape}, {k.shape}, {v.shape}")
-  g = q.shape[0] * q.shape[2] if q.ndim == 4 else q.shape[0]
+  common.check_heads(q, k, v, block_map)
   d = q.shape[-1]
-  if block_map.shape[0] != g:
-    raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
   if not emulate:
     if d % 64:
       raise ValueError(f"head_dim {d} must be a multiple of 64 for the Mosaic GPU kernel")

@@ -7,6 +7,7 @@ oracle) or "pallas" (GPU kernels; run in interpret mode off GPU, for tests).
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -64,11 +65,25 @@ def _use_mosaic(cfg: SvgEarConfig, q: jax.Array) -> bool:
       raise ValueError(f"attention_kernel='mosaic' needs bf16/f16 inputs with head_dim a "
                        f"multiple of 64, got {q.dtype} and head_dim {q.shape[-1]}")
     return True
-  if cfg.attention_kernel == "triton" or _interpret():
-    return False
   # H100 (benchmarks/results/attention_h100.md): Mosaic wins; other GPUs keep Triton
-  kind = jax.devices()[0].device_kind
-  return fits and any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
+  return cfg.attention_kernel == "auto" and fits and _pallas().on_hopper()
+
+
+def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
+  """The Pallas attention kernel `attend` runs for q [B, S, H, D], with its settings bound.
+
+  Called as kernel(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
+  q_index=..., kv_index=...); both kernels read through the permutations and return q's
+  layout in token order.
+  """
+  kw = dict(compensation=cfg.compensation, sm_scale=q.shape[-1] ** -0.5)
+  if _use_mosaic(cfg, q):
+    # Hopper: TMA + wgmma, warp-specialised; reads sorted, cluster-padded copies of Q, K, V
+    # (see pallas_kernels/sparse_attention_mgpu.py)
+    return functools.partial(_pallas().sparse_attention_mgpu, emulate=_interpret(), **kw)
+  # reads q, k, v in place (strided per head) and writes token order: no copies
+  return functools.partial(_pallas().sparse_attention, interpret=_interpret(), **kw,
+                           **_attention_blocks())
 
 
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
@@ -137,26 +152,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
   """
   b, s, h, d = q.shape
   scale = d ** -0.5
-  if impl == "pallas" and _use_mosaic(cfg, q):
-    # Hopper: the Mosaic GPU kernel (TMA + wgmma, warp-specialised); it reads sorted,
-    # cluster-padded copies of Q, K, V (see pallas_kernels/sparse_attention_mgpu.py)
-    q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
-    k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-    out = _pallas().sparse_attention_mgpu(
-        q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
-        clusters.v_centroids, compensation=cfg.compensation, sm_scale=scale,
-        q_index=q_lay.perm, kv_index=k_lay.perm, emulate=_interpret())
-    return out.astype(q.dtype)
   if impl == "pallas":
-    # the kernel reads q, k, v in place (strided per head) through the two permutations and
-    # writes the output in token order: no transposed or sorted copies
     q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
     k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
-    out = _pallas().sparse_attention(
+    out = attention_kernel(cfg, q)(
         q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
-        clusters.v_centroids, compensation=cfg.compensation, sm_scale=scale,
-        q_index=q_lay.perm, kv_index=k_lay.perm, interpret=_interpret(),
-        **_attention_blocks())
+        clusters.v_centroids, q_index=q_lay.perm, kv_index=k_lay.perm)
     return out.astype(q.dtype)
   heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
   args = (heads_first(q), heads_first(k), heads_first(v), clusters.q.labels,

@@ -22,8 +22,7 @@ from test_pallas_kernels import _args, _assert_close, _problem, sa
 # the package exports the function `sparse_attention_mgpu`, which shadows the module
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
 
-_ON_HOPPER = jax.default_backend() == "gpu" and any(
-    n in jax.devices()[0].device_kind for n in ("H100", "H200", "H800", "GH200"))
+_ON_HOPPER = sm.on_hopper()
 
 
 def _ref(p, compensation, scale):
