@@ -1,6 +1,6 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|probe|smoke] [budget_s]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -10,7 +10,10 @@ measurement (also appended to $OUT/gpu_log.jsonl).
   inputs: how the kernel gets its inputs, with random permutations: sorted copies made by
           XLA (gather, kernel, inverse gather) vs reading through the permutation indices,
           heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
-  mosaic: the Mosaic GPU kernel (Hopper) per chunk size vs the Triton kernel.
+  mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with and without half tiles, vs
+          the Triton kernel.
+  probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
+          structured Wan 720p workload (benchmarks/workloads.py).
   smoke:  CPU interpret-mode run of the other modes on tiny shapes (checks this script).
 """
 
@@ -25,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import timing
+from benchmarks import timing, workloads
+import pallas_kernels
 from pallas_kernels import sparse_layout as sl
-from svg_ear_jax import pipeline
+from svg_ear_jax import SvgEarConfig, permutation, pipeline
 
 sa = importlib.import_module("pallas_kernels.sparse_attention")  # the package shadows it
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
@@ -218,7 +222,7 @@ def inputs(configs, budget_end, problem=None, interpret=False):
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
-  Per chunk size: the kernel alone on prepared tables, the whole call (sorted copies,
+  Per (chunk size, half_tiles): the kernel alone on prepared tables, the whole call (sorted copies,
   tables, output gather), useful TFLOP/s (exact area) and visited TFLOP/s (every exact key
   slot the kernel computes, padding included), and the largest difference from the Triton
   output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in interpret mode.
@@ -235,16 +239,18 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
-  for chunk in chunks:
+  for chunk, half in chunks:
     if time.time() > budget_end:
-      emit(what="skipped", chunk=chunk)
+      emit(what="skipped", chunk=chunk, half_tiles=half)
       continue
     try:
       whole = jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
-                                        sm_scale=scale, chunk_rows=chunk, emulate=emulate))
+                                        sm_scale=scale, chunk_rows=chunk, half_tiles=half,
+                                        emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
-      prep = jax.jit(lambda *a: sm.prepare_mgpu(*a, compensation=True, chunk=chunk)[:4])
+      prep = jax.jit(lambda *a: sm.prepare_mgpu(*a, compensation=True, chunk=chunk,
+                                                half_tiles=half)[:4])
       tables, qp, kp, vp = prep(*args)
       statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
       if emulate:
@@ -252,16 +258,53 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       else:
         kern = functools.partial(sm._call, mcs=2, scale=scale * sm._LOG2E, **statics)
       ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
-      tile_c, _, n_exact = tables[:3]
-      steps = int(jnp.sum(jnp.where(tile_c >= 0, jnp.take_along_axis(
-          n_exact, jnp.maximum(tile_c, 0), 1), 0)))
-      emit(what="mosaic", chunk_rows=chunk, kernel_ms=ms_kernel, whole_ms=ms_whole,
-           useful_tflops=useful / ms_kernel / 1e9,
-           visited_tflops=4 * d * steps * sm.BLOCK_K * sm.TILE_Q / ms_kernel / 1e9,
+      tile_c, _, tile_wgs, n_exact = tables[:4]
+      # key steps x computing warpgroups (64 query rows each), padding included
+      wg_steps = int(jnp.sum(tile_wgs * jnp.take_along_axis(n_exact, jnp.maximum(tile_c, 0), 1)))
+      emit(what="mosaic", chunk_rows=chunk, half_tiles=half, kernel_ms=ms_kernel,
+           whole_ms=ms_whole, useful_tflops=useful / ms_kernel / 1e9,
+           visited_tflops=4 * d * wg_steps * sm.BLOCK_K * sm.BLOCK_Q / ms_kernel / 1e9,
+           half_tile_share=float(jnp.sum(tile_wgs == 1) / jnp.sum(tile_wgs > 0)),
            max_diff_vs_triton=float(jnp.max(jnp.abs(out - ref))),
            mem_gb=timing.compiled_memory_gb(whole, *args), timing=how)
     except Exception as e:  # report and go on
-      emit(what="mosaic", chunk_rows=chunk, error=f"{type(e).__name__}: {str(e)[:400]}")
+      emit(what="mosaic", chunk_rows=chunk, half_tiles=half, error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)
+    (64, 32, 1, 4), (64, 32, 4, 4), (64, 32, 8, 4), (64, 32, 16, 4), (64, 32, 32, 4),
+    (32, 32, 8, 4), (32, 32, 16, 4), (64, 16, 16, 4), (64, 64, 16, 4), (64, 32, 16, 8)]
+
+
+def probe(configs, budget_end, grid=workloads.WAN_720P, heads=40, head_dim=128,
+          clusters=(300, 1000), interpret=False):
+  """EAR probe per (block_qc, block_k, cluster_splits, num_warps), on the clusters of 10
+  cold k-means iterations of the structured workload; max |difference| from the first."""
+  q, k, v = (jnp.asarray(a, jnp.bfloat16)[0].transpose(1, 0, 2)
+             for a in workloads.structured(grid, heads, head_dim, seed=0))
+  cfg = SvgEarConfig(num_q_clusters=clusters[0], num_k_clusters=clusters[1], kmeans_iters=10)
+  cl = jax.jit(lambda q, k, v: pipeline.cluster(q, k, v, cfg, "xla"))(q, k, v)
+  perm = permutation.cluster_layout(cl.k.labels, cl.k.sizes).perm
+  args = (cl.q.centroids, k, v, cl.k.centroids, cl.v_centroids, cl.k.sizes, perm)
+  emit(what="probe_problem", G=q.shape[0], S=q.shape[1], D=q.shape[2], Kq=clusters[0],
+       Kk=clusters[1])
+  first = None
+  for bqc, bk, splits, warps in configs:
+    if time.time() > budget_end:
+      emit(what="skipped", block_qc=bqc, block_k=bk, cluster_splits=splits)
+      continue
+    cfg_row = dict(block_qc=bqc, block_k=bk, cluster_splits=splits, num_warps=warps)
+    try:
+      fn = jax.jit(lambda *a, kw=cfg_row: pallas_kernels.ear_error_probe(
+          *a[:6], kv_index=a[6], sm_scale=head_dim ** -0.5, interpret=interpret, **kw))
+      out = fn(*args)
+      first = out if first is None else first
+      finite = jnp.isfinite(first)
+      diff = float(jnp.max(jnp.where(finite, jnp.abs(out - first), 0.)))
+      ms, how = timing.measure_ms(fn, *args)
+      emit(what="probe", **cfg_row, ms=ms, max_diff_vs_first=diff, timing=how)
+    except Exception as e:  # report and go on
+      emit(what="probe", **cfg_row, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
 INPUT_CONFIGS = [
@@ -285,14 +328,18 @@ def main():
   elif mode == "inputs":
     inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
   elif mode == "mosaic":
-    mosaic([16, 8, 32, 64], start + budget)
+    mosaic([(16, True), (16, False), (8, True), (32, True), (64, True)], start + budget)
+  elif mode == "probe":
+    probe(PROBE_CONFIGS, start + budget)
   elif mode == "smoke":  # CPU, interpret mode, tiny shapes: checks this script runs
     small = [dict(block_q=16, block_k=16, block_c=16),
              dict(block_q=32, block_k=16, block_c=16, tail_block_q=16, layout="flat")]
     problem = dict(g=2, s=600, d=32, kq=6, kk=20)
     attention(small, start + budget, interpret=True, problem=problem)
     inputs(small[:1], start + budget, problem=problem, interpret=True)
-    mosaic([16, 8], start + budget, problem=problem, emulate=True)
+    mosaic([(16, True), (8, False)], start + budget, problem=problem, emulate=True)
+    probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
+          heads=2, head_dim=32, clusters=(12, 20), interpret=True)
 
 
 if __name__ == "__main__":

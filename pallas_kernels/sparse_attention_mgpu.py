@@ -21,8 +21,11 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
 - Query tiles are 128 rows of one query cluster, read from a cluster-sorted copy padded
   likewise (Mosaic must prove every TMA row offset a multiple of 8); rows past the cluster
-  are computed and dropped. Outputs go to tile slots and are gathered back to the caller's
-  layout and token order by XLA.
+  are computed and dropped, except that a tile whose last 64 rows are all padding (the
+  tail of about half the clusters) leaves its second warpgroup idle: it only keeps the
+  barrier protocol, and the first one runs alone, faster than a full ping-pong tile.
+  Outputs go to tile slots and are gathered back to the caller's layout and token order by
+  XLA.
 - The grid is (head, tile): the CTAs in flight share one head's keys and values.
 
 Costs beyond the Triton kernel: the sorted copies and the slot buffer (~2.2x the dense
@@ -67,8 +70,9 @@ def on_hopper() -> bool:
   return any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
-def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_ref, v_ref,
-            out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype, chunk):
+def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_ref, q_ref,
+            k_ref, v_ref, out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale,
+            dtype, chunk):
   """One CTA = one 128-row query tile (head g, tile t); warpgroups 0, 1 compute 64 rows
   each, warpgroup 2 streams the key steps (exact chunk steps, then compensation steps)
   through an `mcs`-deep shared-memory ring. Tables as in `sparse_layout_mgpu`."""
@@ -91,8 +95,40 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
+    busy = wg < tile_wgs_ref[g, t]  # 0 for no tile; 1: rows 64.. are padding
 
-    @pl.when(live)
+    @pl.when(live & ~busy)
+    def _idle():
+      # warpgroup 1 of a half tile: the busy path's barrier operations, without its
+      # copies and matmuls, so that the producer's ring and the ping-pong keep their count
+      @pl.when(n_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      schedule_barrier()
+
+      def idle_step(i, carry, comp):
+        slot = lax.rem(i, jnp.int32(mcs))
+        schedule_barrier()
+        if comp:
+          plgpu.barrier_wait(b_bar.at[slot])
+        plgpu.barrier_arrive(k_used.at[slot])
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
+
+        @pl.when(i + 1 < n_steps)
+        def _():
+          plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(mcs))])
+
+        plgpu.barrier_arrive(v_used.at[slot])
+        return carry
+
+      lax.fori_loop(0, n_exact, functools.partial(idle_step, comp=False), 0)
+      if num_comp:
+        lax.fori_loop(n_exact, n_steps, functools.partial(idle_step, comp=True), 0)
+
+    @pl.when(live & busy)
     def _():
       qo = qo_smem2.at[wg]
       # row offsets are written as (x * chunk): Mosaic must prove TMA rows 8-aligned
@@ -214,7 +250,7 @@ def _kernel(tile_c_ref, tile_q0_ref, n_exact_ref, chunk_ref, bias_ref, q_ref, k_
 def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, chunk):
   """The kernel on prepared inputs (`prepare_mgpu`): slot-space output [G, T * 128, D]."""
   per_step = BLOCK_K // chunk
-  tile_c, tile_q0, n_exact, chunks, bias = tables
+  tile_c, tile_q0, tile_wgs, n_exact, chunks, bias = tables
   g, num_tiles = tile_c.shape
   d = q_sorted.shape[-1]
   dtype = q_sorted.dtype
@@ -249,7 +285,7 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
       # vs 80.0 ms on the kernel benchmark's problem)
       grid=(g, num_tiles), grid_names=("head", "tile"), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(tile_c, tile_q0, n_exact, chunks, bias, q_sorted, k_pad, v_pad)
+  )(tile_c, tile_q0, tile_wgs, n_exact, chunks, bias, q_sorted, k_pad, v_pad)
 
 
 def _searchsorted_rows(ends, x):
@@ -262,7 +298,8 @@ def _key_chunks(seq_len, num_k_clusters, chunk):
   return _cdiv(seq_len, chunk) + num_k_clusters
 
 
-def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK):
+def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK,
+                       half_tiles: bool = True):
   """Tables of the Mosaic GPU kernel (pure jnp; shapes static in S, Kq, Kk).
 
   Args:
@@ -271,11 +308,14 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
     block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
     seq_len: S.
     chunk: key (and query) rows per chunk; clusters are padded to a multiple of it.
+    half_tiles: mark tiles with at most BLOCK_Q real rows (tile_wgs = 1).
 
   Returns:
     dict with
       tile_c [G, T] int32: query cluster of 128-row tile t (-1: no tile),
       tile_q0 [G, T] int32: its first row in the padded queries, in units of chunk,
+      tile_wgs [G, T] int32: consumer warpgroups that compute (0: no tile; 1: the tile's
+        rows past BLOCK_Q are padding; else 2),
       query_rows [G, QR] int32: sorted query position of each padded query row (-1 =
         padding; query clusters are padded to a multiple of chunk rows too),
       n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
@@ -304,6 +344,11 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   tile_q0 = (jnp.take_along_axis(qch_start, tcs, 1)
              + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // chunk))
   tile_c = jnp.where(tc < kq, tc, -1)
+  tile_rows = (jnp.take_along_axis(q_sizes, tcs, 1)
+               - (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * TILE_Q)
+  tile_wgs = jnp.where(tc < kq, 2, 0)
+  if half_tiles:
+    tile_wgs = jnp.where((tc < kq) & (tile_rows <= BLOCK_Q), 1, tile_wgs)
   pos = jnp.arange(s)
   qc = _searchsorted_rows(q_end, pos)
   qcs = jnp.minimum(qc, kq - 1)
@@ -336,7 +381,8 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
          + slot - jnp.take_along_axis(c_start, run, 2))
   nan_chunk = key_chunks
   chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
-  return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32), query_rows=query_rows,
+  return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32),
+              tile_wgs=tile_wgs.astype(jnp.int32), query_rows=query_rows,
               n_exact=_cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
               key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
               nan_chunk=nan_chunk)
@@ -379,12 +425,13 @@ def _heads_first_rows(x, rows, index, heads):
 
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
-                 compensation, q_index=None, kv_index=None, chunk=CHUNK):
+                 compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True):
   """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout)."""
   heads = q.shape[2] if q.ndim == 4 else None
   s = q.shape[1]
   g, kq, kk = block_map.shape
-  lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk)
+  lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk,
+                           half_tiles=half_tiles)
   q_sorted, _ = _heads_first_rows(q, lay["query_rows"], q_index, heads)
   kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, heads)
   vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, heads)
@@ -404,7 +451,8 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
     bias = jnp.pad(bias, ((0, 0), (0, 0), (0, kkp - kk)), constant_values=-jnp.inf)
   else:
     bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
-  tables = (lay["tile_c"], lay["tile_q0"], lay["n_exact"], lay["chunks"], bias)
+  tables = (lay["tile_c"], lay["tile_q0"], lay["tile_wgs"], lay["n_exact"], lay["chunks"],
+            bias)
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   return tables, q_sorted, k_pad, v_pad, statics, lay
 
@@ -440,9 +488,10 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
   """What the kernel computes, tile by tile, in float32 jnp (the CPU check of the tables).
 
   Returns the slot-space output [G, T * 128, D]. Follows the kernel's data path: padded
-  key rows are NaN and masked, compensation steps add the bias row. Small sizes only.
+  key rows are NaN and masked, compensation steps add the bias row, the rows of an idle
+  warpgroup are left 0 (the kernel leaves them unwritten). Small sizes only.
   """
-  tile_c, tile_q0, n_exact, chunks, bias = tables
+  tile_c, tile_q0, tile_wgs, n_exact, chunks, bias = tables
   g, nt = tile_c.shape
   d = q_sorted.shape[-1]
   f32 = lambda x: x.astype(jnp.float32)
@@ -469,18 +518,20 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
     p = jnp.exp2(s - jnp.where(m == -jnp.inf, 0., m))
     l = p.sum(axis=1, keepdims=True)
     o = jnp.einsum("qk,kd->qd", p, vals, precision=hi) / jnp.where(l == 0, 1., l)
-    return jnp.where(tile_c[gi, t] >= 0, o, 0.)
+    computed = jnp.arange(TILE_Q) // BLOCK_Q < tile_wgs[gi, t]
+    return jnp.where((tile_c[gi, t] >= 0) & computed[:, None], o, 0.)
 
   out = jax.vmap(lambda gi: jax.vmap(lambda t: tile(gi, t))(jnp.arange(nt)))(jnp.arange(g))
   return out.reshape(g, nt * TILE_Q, d)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "emulate"))
+    "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
+    "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation: bool, sm_scale: float, q_index=None, kv_index=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
-                          emulate: bool = False):
+                          half_tiles: bool = True, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -491,6 +542,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     max_concurrent_steps: key steps in flight (shared-memory ring depth, >= 2).
     chunk_rows: rows per TMA copy of keys/values (8, 16, 32 or 64); every query and key
       cluster is padded to a multiple of it.
+    half_tiles: let the second warpgroup of a tile idle when its 64 rows are padding
+      (False: every tile computes 128 rows; for comparisons).
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -515,7 +568,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
   tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
-      compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows)
+      compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
+      half_tiles=half_tiles)
   scale = sm_scale * _LOG2E
   if emulate:
     out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)

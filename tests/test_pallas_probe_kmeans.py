@@ -67,6 +67,18 @@ class KernelTest(CompiledOrInterpret):
     got = ear_error_probe(qc, unsort(k), unsort(v), kc, vc, sizes, kv_index=perm, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
+  @pytest.mark.parametrize("splits", [3, 7, 64])  # ragged ranges; more splits than clusters
+  def test_probe_cluster_splits_agree(self, splits):
+    args = _probe_problem(4)
+    kw = dict(sm_scale=0.3, block_qc=16, block_k=16, interpret=self.INTERPRET)
+    want = ear_error_probe(*args, cluster_splits=1, **kw)
+    got = ear_error_probe(*args, cluster_splits=splits, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  def test_probe_bad_cluster_splits(self):
+    with pytest.raises(ValueError, match="cluster_splits"):
+      ear_error_probe(*_probe_problem(4), sm_scale=0.3, cluster_splits=0, interpret=True)
+
   def test_probe_huge_logits_stay_finite(self):
     qc, *rest = _probe_problem(1)
     out = ear_error_probe(qc * 60, *rest, sm_scale=0.2, block_qc=16, block_k=16,

@@ -102,6 +102,15 @@ def test_layout_query_slots_are_distinct_and_in_their_tile():
     assert ok.sum() == qs[h].sum() and not ok[qs[h].sum():].any()
     assert len(np.unique(slot[h][ok])) == ok.sum()
     np.testing.assert_array_equal(tile_c[h][slot[h][ok] // sm.TILE_Q], lab)
+    # a tile's second warpgroup computes iff one of its real rows is past BLOCK_Q
+    last = np.full(tile_c.shape[1], -1)
+    np.maximum.at(last, slot[h][ok] // sm.TILE_Q, slot[h][ok] % sm.TILE_Q)
+    want = np.where(tile_c[h] < 0, 0, np.where(last < sm.BLOCK_Q, 1, 2))
+    np.testing.assert_array_equal(np.asarray(lay["tile_wgs"])[h], want)
+    assert (want == 1).any() and (want == 2).any()
+  full = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333,
+                               half_tiles=False)
+  np.testing.assert_array_equal(np.asarray(full["tile_wgs"]), np.where(tile_c < 0, 0, 2))
 
 
 def test_rejects_bad_inputs():
@@ -157,13 +166,17 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk):
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
-@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk", [(True, False, 1, 2, 128, 16),
-                                                                (False, True, 2, 2, 128, 16),
-                                                                (True, True, 3, 3, 64, 16),
-                                                                (True, True, 4, 2, 128, 8)])
-def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk):
-  p = _problem(seed, s=1000, d=d, kq=5, kk=24, tiny=tiny, dtype=jnp.bfloat16)
-  kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk)
+@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk,half",
+                         [(True, False, 1, 2, 128, 16, True), (False, True, 2, 2, 128, 16, True),
+                          (True, True, 3, 3, 64, 16, True), (True, True, 4, 2, 128, 8, True),
+                          (True, False, 5, 2, 128, 16, False)])
+def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half):
+  # kq=9: clusters of ~110 rows, so both full and half tiles (idle second warpgroup)
+  p = _problem(seed, s=1000, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16)
+  kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half)
+  wgs = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=1000,
+                             chunk=chunk, half_tiles=half)["tile_wgs"]
+  assert bool((wgs == 1).any()) == half and bool((wgs == 2).any())
   out = sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=mcs, **kw)
   emu = sm.sparse_attention_mgpu(*_args(p), emulate=True, **kw)
   _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
