@@ -222,10 +222,11 @@ def inputs(configs, budget_end, problem=None, interpret=False):
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
-  Per (chunk size, half_tiles): the kernel alone on prepared tables, the whole call (sorted copies,
-  tables, output gather), useful TFLOP/s (exact area) and visited TFLOP/s (every exact key
-  slot the kernel computes, padding included), and the largest difference from the Triton
-  output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in interpret mode.
+  Per (chunk size, half_tiles): the kernel alone on prepared tables, the whole call (sorted
+  copies, tables, output gather), useful TFLOP/s (exact area) and visited TFLOP/s (every
+  exact key slot the kernel computes, padding included), and the largest difference from
+  the Triton output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in
+  interpret mode.
   """
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
@@ -260,7 +261,8 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
       tile_c, _, tile_wgs, n_exact = tables[:4]
       # key steps x computing warpgroups (64 query rows each), padding included
-      wg_steps = int(jnp.sum(tile_wgs * jnp.take_along_axis(n_exact, jnp.maximum(tile_c, 0), 1)))
+      wg_steps = int(jnp.sum(
+          tile_wgs * jnp.take_along_axis(n_exact, jnp.maximum(tile_c, 0), 1)))
       emit(what="mosaic", chunk_rows=chunk, half_tiles=half, kernel_ms=ms_kernel,
            whole_ms=ms_whole, useful_tflops=useful / ms_kernel / 1e9,
            visited_tflops=4 * d * wg_steps * sm.BLOCK_K * sm.BLOCK_Q / ms_kernel / 1e9,
@@ -268,7 +270,8 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
            max_diff_vs_triton=float(jnp.max(jnp.abs(out - ref))),
            mem_gb=timing.compiled_memory_gb(whole, *args), timing=how)
     except Exception as e:  # report and go on
-      emit(what="mosaic", chunk_rows=chunk, half_tiles=half, error=f"{type(e).__name__}: {str(e)[:400]}")
+      emit(what="mosaic", chunk_rows=chunk, half_tiles=half,
+           error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
 PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)

@@ -1,9 +1,26 @@
-"""Small helpers shared by the kernels: power-of-two padding, tile-size and input checks."""
+"""Small helpers shared by the kernels: ceil division, power-of-two padding, per-head
+searchsorted, tile-size and input checks."""
+
+import jax
+import jax.numpy as jnp
+
+
+def cdiv(a, b):
+  """Ceil of a / b for ints or integer arrays."""
+  return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
   """Smallest power of two >= n (Triton needs power-of-two tile extents)."""
   return 1 << (max(n, 1) - 1).bit_length()
+
+
+def searchsorted_rows(ends, x):
+  """[G, N] int32: per head g, searchsorted(ends[g], x, side="right") for one [N] x.
+
+  With ends = cumsum(sizes) this is the cluster of each sorted position (K past the end).
+  """
+  return jax.vmap(lambda e: jnp.searchsorted(e, x, side="right"))(ends).astype(jnp.int32)
 
 
 def check_block(name: str, b: int) -> None:

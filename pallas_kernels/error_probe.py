@@ -27,7 +27,7 @@ def _value_stats(v, k_sizes, v_centroids, kv_index):
   """||v_t||^2 and <vbar_j, v_t> per permuted key position: [G, S] float32 each."""
   s = v.shape[1]
   rows = jnp.arange(s)
-  labels = jax.vmap(lambda e: jnp.searchsorted(e, rows, side="right"))(jnp.cumsum(k_sizes, -1))
+  labels = common.searchsorted_rows(jnp.cumsum(k_sizes, -1), rows)
   if kv_index is not None:  # labels of the tokens in their own (unpermuted) order
     labels = jax.vmap(lambda p, lab: jnp.zeros_like(lab).at[p].set(lab))(kv_index, labels)
   vf = v.astype(jnp.float32)
@@ -166,8 +166,7 @@ def ear_error_probe_reference(q_centroids, k, v, k_centroids, v_centroids, k_siz
   """Direct float32 jnp evaluation of the same log E_ij (materialises [G, Kq, S, D])."""
   g, s, d = k.shape
   kk = k_sizes.shape[-1]
-  labels = jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(s), side="right"))(
-      jnp.cumsum(k_sizes, -1))
+  labels = common.searchsorted_rows(jnp.cumsum(k_sizes, -1), jnp.arange(s))
   f32 = lambda x: x.astype(jnp.float32)
   a = jnp.einsum("gqd,gsd->gqs", f32(q_centroids), f32(k), precision=_HI) * sm_scale
   c = jnp.einsum("gqd,gkd->gqk", f32(q_centroids), f32(k_centroids), precision=_HI) * sm_scale

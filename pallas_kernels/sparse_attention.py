@@ -120,7 +120,7 @@ def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, 
       return update(carry, jnp.where((pseudo != 0)[None, :], s, -jnp.inf), vc)
 
     # row Kq (positions of no query cluster) gets no pseudo-tokens
-    num_c = jnp.where(live & (c < num_rows - 1), jnp.int32(sparse_layout.cdiv(kk, block_c)),
+    num_c = jnp.where(live & (c < num_rows - 1), jnp.int32(common.cdiv(kk, block_c)),
                       jnp.int32(0))
     carry = lax.fori_loop(jnp.int32(0), num_c, centroid_body, carry)
   _, l, acc = carry
@@ -242,7 +242,7 @@ def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, 
     arrays["q_index"] = q_index.astype(jnp.int32)
   if kv_index is not None:
     arrays["kv_index"] = kv_index.astype(jnp.int32)
-  nt = sparse_layout.cdiv(s, block_k) + (kk if layout == "flat" else 0)
+  nt = common.cdiv(s, block_k) + (kk if layout == "flat" else 0)
   static = dict(layout=layout, block_k=block_k, block_c=block_c, heads=h,
                 num_rows=block_map.shape[1] + 1, num_k_clusters=kk, num_k_tiles=nt,
                 scale=sm_scale * _LOG2E, compensation=compensation,
@@ -259,8 +259,8 @@ def sparse_attention_reference(q, k, v, q_sizes, k_sizes, block_map, k_centroids
   """
   g, s, _ = q.shape
   kq, kk = block_map.shape[1:]
-  label = lambda sizes: jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(s), side="right"))(
-      jnp.cumsum(sizes, axis=-1))  # == K past the last cluster
+  label = lambda sizes: common.searchsorted_rows(  # == K past the last cluster
+      jnp.cumsum(sizes, axis=-1), jnp.arange(s))
   q_lab, k_lab = label(q_sizes), label(k_sizes)
   bm = jnp.pad(block_map, ((0, 0), (0, 1), (0, 1)))  # row Kq / column Kk: attends nothing
   row = jnp.take_along_axis(bm, q_lab[..., None], axis=1)  # [G, S, Kk + 1]

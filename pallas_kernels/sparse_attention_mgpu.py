@@ -58,10 +58,6 @@ BLOCK_K = 128  # key slots per pipeline step
 _LOG2E = math.log2(math.e)
 
 
-def _cdiv(a, b):
-  return -(-a // b)
-
-
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (what this kernel compiles for)."""
   if jax.default_backend() != "gpu":
@@ -288,14 +284,9 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
   )(tile_c, tile_q0, tile_wgs, n_exact, chunks, bias, q_sorted, k_pad, v_pad)
 
 
-def _searchsorted_rows(ends, x):
-  """[G, N] per-row searchsorted(ends[g], x, side="right") for one [N] x."""
-  return jax.vmap(lambda e: jnp.searchsorted(e, x, side="right"))(ends).astype(jnp.int32)
-
-
 def _key_chunks(seq_len, num_k_clusters, chunk):
   """Chunks of the padded keys: sum_j ceil(n_j / chunk) <= S / chunk + Kk."""
-  return _cdiv(seq_len, chunk) + num_k_clusters
+  return common.cdiv(seq_len, chunk) + num_k_clusters
 
 
 def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK,
@@ -332,15 +323,15 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   q_sizes = q_sizes.astype(jnp.int32)
   k_sizes = k_sizes.astype(jnp.int32)
   # query tiles: ceil(n_i / 128) per cluster, in cluster order
-  nq = _cdiv(q_sizes, TILE_Q)
+  nq = common.cdiv(q_sizes, TILE_Q)
   t_end = jnp.cumsum(nq, axis=-1)
   t_start = t_end - nq
   q_end = jnp.cumsum(q_sizes, axis=-1)
   q_off = q_end - q_sizes
-  num_tiles = _cdiv(s, TILE_Q) + kq  # sum of ceil(n_i / 128) <= S / 128 + Kq
-  tc = _searchsorted_rows(t_end, jnp.arange(num_tiles))
+  num_tiles = common.cdiv(s, TILE_Q) + kq  # sum of ceil(n_i / 128) <= S / 128 + Kq
+  tc = common.searchsorted_rows(t_end, jnp.arange(num_tiles))
   tcs = jnp.minimum(tc, kq - 1)
-  query_rows, qch_start = _padded_rows(q_sizes, q_off, _cdiv(s, chunk) + kq, chunk)
+  query_rows, qch_start = _padded_rows(q_sizes, q_off, common.cdiv(s, chunk) + kq, chunk)
   tile_q0 = (jnp.take_along_axis(qch_start, tcs, 1)
              + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // chunk))
   tile_c = jnp.where(tc < kq, tc, -1)
@@ -350,13 +341,13 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   if half_tiles:
     tile_wgs = jnp.where((tc < kq) & (tile_rows <= BLOCK_Q), 1, tile_wgs)
   pos = jnp.arange(s)
-  qc = _searchsorted_rows(q_end, pos)
+  qc = common.searchsorted_rows(q_end, pos)
   qcs = jnp.minimum(qc, kq - 1)
   q_slot = (jnp.take_along_axis(t_start, qcs, 1) * TILE_Q + pos
             - jnp.take_along_axis(q_off, qcs, 1))
   q_slot = jnp.where(qc < kq, q_slot, -1)
 
-  nch = _cdiv(k_sizes, chunk)
+  nch = common.cdiv(k_sizes, chunk)
   key_chunks = _key_chunks(s, kk, chunk)
   key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
                                      key_chunks, chunk)
@@ -367,7 +358,7 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   c_end = jnp.cumsum(cnt, axis=-1)
   c_start = c_end - cnt
   n_chunks = c_end[..., -1]
-  max_steps = _cdiv(key_chunks, per_step)
+  max_steps = common.cdiv(key_chunks, per_step)
   width = max_steps * per_step
   j_ids = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (g, kq, kk))
   gi = jnp.arange(g)[:, None, None]
@@ -383,7 +374,7 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
   return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32),
               tile_wgs=tile_wgs.astype(jnp.int32), query_rows=query_rows,
-              n_exact=_cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
+              n_exact=common.cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
               key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
               nan_chunk=nan_chunk)
 
@@ -392,11 +383,11 @@ def _padded_rows(sizes, offsets, num_chunks, chunk):
   """Clusters padded to chunk-row multiples: ([G, num_chunks * chunk] sorted position of
   each padded row (-1 = padding), [G, K] first chunk of each cluster)."""
   k = sizes.shape[-1]
-  nch = _cdiv(sizes, chunk)
+  nch = common.cdiv(sizes, chunk)
   ch_end = jnp.cumsum(nch, axis=-1)
   ch_start = ch_end - nch
   prow = jnp.arange(num_chunks * chunk)
-  cl = _searchsorted_rows(ch_end, prow // chunk)
+  cl = common.searchsorted_rows(ch_end, prow // chunk)
   cls = jnp.minimum(cl, k - 1)
   within = prow - jnp.take_along_axis(ch_start, cls, 1) * chunk
   rows = jnp.where((cl < k) & (within < jnp.take_along_axis(sizes, cls, 1)),
@@ -438,7 +429,7 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   d = kp.shape[-1]
   kp = jnp.where(ok[..., None], kp, jnp.nan)
   vp = jnp.where(ok[..., None], vp, 0)
-  kkp = _cdiv(kk, BLOCK_K) * BLOCK_K
+  kkp = common.cdiv(kk, BLOCK_K) * BLOCK_K
   pad_c = ((0, 0), (0, kkp - kk), (0, 0))
   nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
   k_pad = jnp.concatenate([kp, nan_rows, jnp.pad(k_centroids.astype(kp.dtype), pad_c)], 1)
@@ -462,7 +453,7 @@ def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation: bool,
   """Static arguments of the kernel (`_call`) and `emulate_kernel` for these sizes."""
   # centroid rows follow the keys and the one NaN chunk (see prepare_mgpu)
   comp_base = (_key_chunks(seq_len, num_k_clusters, chunk) + 1) * chunk
-  return dict(num_comp=_cdiv(num_k_clusters, BLOCK_K) if compensation else 0,
+  return dict(num_comp=common.cdiv(num_k_clusters, BLOCK_K) if compensation else 0,
               comp_base=comp_base, chunk=chunk)
 
 

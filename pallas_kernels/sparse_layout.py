@@ -26,12 +26,10 @@ remainder longer than tail_block_q) go to the main table and a short remainder
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import cdiv
+
 BIG = 2 ** 30
 W_FAST = 8
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def _exclusive_cumsum(x):
