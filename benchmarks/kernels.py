@@ -1,6 +1,6 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|probe|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|probe|assign|smoke] [budget_s]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -14,6 +14,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           the Triton kernel.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
+  assign: the k-means assignment kernel per tiling, on the same workload's points and the
+          centroids of 10 k-means iterations (Q: Kq = 300, K: Kk = 1000).
   smoke:  CPU interpret-mode run of the other modes on tiny shapes (checks this script).
 """
 
@@ -310,6 +312,47 @@ def probe(configs, budget_end, grid=workloads.WAN_720P, heads=40, head_dim=128,
       emit(what="probe", **cfg_row, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
+def assign(configs, budget_end, grid=workloads.WAN_720P, heads=40, head_dim=128,
+           clusters=(300, 1000), interpret=False):
+  """k-means assignment per (block_n, block_k, num_warps, num_stages) on the structured
+  workload's Q and K with the centroids of 10 cold k-means iterations; labels must equal
+  those of the first configuration."""
+  q, k, v = (jnp.asarray(a, jnp.bfloat16)[0].transpose(1, 0, 2)
+             for a in workloads.structured(grid, heads, head_dim, seed=0))
+  cfg = SvgEarConfig(num_q_clusters=clusters[0], num_k_clusters=clusters[1], kmeans_iters=10)
+  cl = jax.jit(lambda q, k, v: pipeline.cluster(q, k, v, cfg, "xla"))(q, k, v)
+  points = dict(q=(q, cl.q.centroids), k=(k, cl.k.centroids))
+  emit(what="assign_problem", G=q.shape[0], S=q.shape[1], D=q.shape[2], Kq=clusters[0],
+       Kk=clusters[1])
+  first = {}
+  for bn, bk, warps, stages in configs:
+    if time.time() > budget_end:
+      emit(what="skipped", block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+      continue
+    cfg_row = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    try:
+      fn = jax.jit(functools.partial(pallas_kernels.kmeans_assign, interpret=interpret,
+                                     **cfg_row))
+      row = dict(cfg_row)
+      for name, (x, c) in points.items():
+        labels = fn(x, c)
+        first.setdefault(name, labels)
+        row[f"{name}_mismatches"] = int(jnp.sum(labels != first[name]))
+        row[f"{name}_ms"], row["timing"] = timing.measure_ms(fn, x, c)
+        flops = 2 * x.shape[0] * x.shape[1] * c.shape[1] * x.shape[2]
+        row[f"{name}_tflops"] = flops / row[f"{name}_ms"] / 1e9
+      emit(what="assign", **row)
+    except Exception as e:  # report and go on
+      emit(what="assign", **cfg_row, error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+ASSIGN_CONFIGS = [  # (block_n, block_k, num_warps, num_stages); the first is the default
+    (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3),
+    (128, 32, 4, 2), (128, 128, 4, 2), (128, 128, 8, 2), (256, 64, 8, 2), (256, 64, 8, 3),
+    (256, 64, 4, 2), (256, 32, 8, 2), (256, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+]
+
+
 INPUT_CONFIGS = [
     dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=2, tail_block_q=64),
     dict(block_q=128, block_k=128, block_c=64, num_warps=8, num_stages=3, tail_block_q=64),
@@ -334,6 +377,8 @@ def main():
     mosaic([(16, True), (16, False), (8, True), (32, True), (64, True)], start + budget)
   elif mode == "probe":
     probe(PROBE_CONFIGS, start + budget)
+  elif mode == "assign":
+    assign(ASSIGN_CONFIGS, start + budget)
   elif mode == "smoke":  # CPU, interpret mode, tiny shapes: checks this script runs
     small = [dict(block_q=16, block_k=16, block_c=16),
              dict(block_q=32, block_k=16, block_c=16, tail_block_q=16, layout="flat")]
@@ -343,6 +388,8 @@ def main():
     mosaic([(16, True), (8, False)], start + budget, problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
+    assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),
+           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
 
 
 if __name__ == "__main__":

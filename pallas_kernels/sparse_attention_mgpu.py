@@ -93,36 +93,72 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
     plgpu.set_max_registers(232, action="increase")
     busy = wg < tile_wgs_ref[g, t]  # 0 for no tile; 1: rows 64.. are padding
 
+    def wait_k(i):
+      @pl.when(i < n_steps)
+      def _():
+        plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
+
+    def step(i, carry, comp, qo):
+      """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
+      keeps every barrier operation of a computing warpgroup, in the same order, so that
+      the producer's ring and the ping-pong rendezvous keep their counts."""
+      slot = lax.rem(i, jnp.int32(mcs))
+      if qo is None:
+        schedule_barrier()
+      else:
+        acc, m_i, l_i = carry
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+          schedule_barrier()
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
+      if comp:
+        plgpu.barrier_wait(b_bar.at[slot])
+      if qo is not None:
+        if comp:
+          bias = plgpu.load(b_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+        else:  # NaN = a padding key row
+          s = jnp.where(qk != qk, -jnp.inf, qk * scale)
+      plgpu.barrier_arrive(k_used.at[slot])
+      if qo is not None:
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_bar.at[slot])
+      plgpu.barrier_wait(sched)
+      if qo is None:
+        wait_k(i + 1)
+      else:
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          wait_k(i + 1)  # while the wgmma runs
+
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        carry = acc, m_new, l_i
+      plgpu.barrier_arrive(v_used.at[slot])
+      return carry
+
+    def key_steps(carry, qo):
+      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False, qo=qo), carry)
+      if num_comp:
+        carry = lax.fori_loop(n_exact, n_steps, functools.partial(step, comp=True, qo=qo),
+                              carry)
+      return carry
+
     @pl.when(live & ~busy)
     def _idle():
-      # warpgroup 1 of a half tile: the busy path's barrier operations, without its
-      # copies and matmuls, so that the producer's ring and the ping-pong keep their count
-      @pl.when(n_steps > 0)
-      def _():
-        plgpu.barrier_wait(k_bar.at[0])
-
-      schedule_barrier()
-
-      def idle_step(i, carry, comp):
-        slot = lax.rem(i, jnp.int32(mcs))
-        schedule_barrier()
-        if comp:
-          plgpu.barrier_wait(b_bar.at[slot])
-        plgpu.barrier_arrive(k_used.at[slot])
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)
-
-        @pl.when(i + 1 < n_steps)
-        def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, jnp.int32(mcs))])
-
-        plgpu.barrier_arrive(v_used.at[slot])
-        return carry
-
-      lax.fori_loop(0, n_exact, functools.partial(idle_step, comp=False), 0)
-      if num_comp:
-        lax.fori_loop(n_exact, n_steps, functools.partial(idle_step, comp=True), 0)
+      wait_k(jnp.int32(0))
+      schedule_barrier()  # warpgroup 1's entry rendezvous, as below
+      key_steps(0, None)
 
     @pl.when(live & busy)
     def _():
@@ -137,58 +173,9 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
                               plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((BLOCK_Q, qo.shape[-1]), 0, jnp.float32),
                               plgpu.Layout.WGMMA)
-
-      @pl.when(n_steps > 0)
-      def _():
-        plgpu.barrier_wait(k_bar.at[0])
-
+      wait_k(jnp.int32(0))
       pl.when(wg == 1)(schedule_barrier)
-
-      def step(i, carry, comp):
-        acc, m_i, l_i = carry
-        slot = lax.rem(i, jnp.int32(mcs))
-
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-          schedule_barrier()
-          return acc_ref[...]
-
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
-        if comp:
-          plgpu.barrier_wait(b_bar.at[slot])
-          bias = plgpu.load(b_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-          s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
-        else:  # NaN = a padding key row
-          s = jnp.where(qk != qk, -jnp.inf, qk * scale)
-        plgpu.barrier_arrive(k_used.at[slot])
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)
-
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          nxt = i + 1
-
-          @pl.when(nxt < n_steps)
-          def _():
-            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(mcs))])
-
-        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_used.at[slot])
-        return acc, m_new, l_i
-
-      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False), (acc, m_i, l_i))
-      if num_comp:
-        carry = lax.fori_loop(n_exact, n_steps, functools.partial(step, comp=True), carry)
-      acc, _, l_i = carry
+      acc, _, l_i = key_steps((acc, m_i, l_i), qo)
       pl.when(wg == 0)(schedule_barrier)
       l_i = jnp.where(l_i == 0, 1.0, l_i)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
@@ -368,8 +355,8 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
       jnp.where(sel, j_ids, -1), mode="drop")
   run = jnp.maximum(lax.cummax(mark, axis=2), 0)
   slot = jnp.arange(width, dtype=jnp.int32)
-  src = (jnp.take_along_axis(jnp.broadcast_to(pch_start[:, None, :], (g, kq, kk)), run, 2)
-         + slot - jnp.take_along_axis(c_start, run, 2))
+  # one gather: slot s of run j reads chunk pch_start[j] + (s - c_start[j])
+  src = jnp.take_along_axis(pch_start[:, None, :] - c_start, run, 2) + slot
   nan_chunk = key_chunks
   chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
   return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32),

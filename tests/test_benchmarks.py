@@ -1,5 +1,6 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,4 +83,21 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert mosaic[0]["half_tile_share"] > 0 and mosaic[1]["half_tile_share"] == 0
   probe = [x for x in lines if x["what"] == "probe"]
   assert [x["cluster_splits"] for x in probe] == [1, 3] and not [x for x in probe if "error" in x]
+  assign = [x for x in lines if x["what"] == "assign"]
+  assert [x["block_n"] for x in assign] == [16, 32] and not [x for x in assign if "error" in x]
+  assert all(x["q_mismatches"] == 0 and x["k_mismatches"] == 0 for x in assign)
   assert probe[1]["max_diff_vs_first"] == 0.0
+
+
+def test_breakdown_needs_a_gpu_and_formats_stages(capsys):
+  from benchmarks import breakdown
+  if jax.default_backend() != "gpu":
+    assert breakdown.main(["--shape", "tiny"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+  result = dict(device="dev", jax_version="0", shape="tiny", seq_len=768, heads=2, head_dim=64,
+                num_q_clusters=12, num_k_clusters=40, routing="ear", density=0.25,
+                stages=[dict(stage="cluster", launches=3, total_ms=1.5,
+                             kernels=[("assign", 2, 1.0), ("scatter", 1, 0.5)])])
+  text = breakdown.markdown(result, top=1)
+  assert "| cluster | 3 | 1.50 |" in text and "| `assign` | 2 | 1.000 |" in text
+  assert "scatter" not in text  # top=1 keeps the slowest kernel only

@@ -166,17 +166,26 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk):
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
-@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk,half",
-                         [(True, False, 1, 2, 128, 16, True), (False, True, 2, 2, 128, 16, True),
-                          (True, True, 3, 3, 64, 16, True), (True, True, 4, 2, 128, 8, True),
-                          (True, False, 5, 2, 128, 16, False)])
-def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half):
-  # kq=9: clusters of ~110 rows, so both full and half tiles (idle second warpgroup)
-  p = _problem(seed, s=1000, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk,half,s,density",
+                         [(True, False, 1, 2, 128, 16, True, 1000, 0.5),
+                          (False, True, 2, 2, 128, 16, True, 1000, 0.5),
+                          (True, True, 3, 3, 64, 16, True, 1000, 0.5),
+                          (True, True, 4, 2, 128, 8, True, 1000, 0.5),
+                          (True, False, 5, 2, 128, 16, False, 1000, 0.5),
+                          (True, False, 6, 2, 128, 16, True, 4096, 0.9)])
+def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, s,
+                                           density):
+  # kq=9: clusters of ~110 rows at s=1000, so both full and half tiles (idle second
+  # warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key ring wraps
+  # many times within a tile
+  p = _problem(seed, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16, density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half)
-  wgs = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=1000,
-                             chunk=chunk, half_tiles=half)["tile_wgs"]
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
+                              chunk=chunk, half_tiles=half)
+  wgs = lay["tile_wgs"]
   assert bool((wgs == 1).any()) == half and bool((wgs == 2).any())
+  if s > 1000:
+    assert int(lay["n_exact"].max()) > 16
   out = sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=mcs, **kw)
   emu = sm.sparse_attention_mgpu(*_args(p), emulate=True, **kw)
   _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
