@@ -252,8 +252,9 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
                                         emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
-      prep = jax.jit(lambda *a: sm.prepare_mgpu(*a, compensation=True, chunk=chunk,
-                                                half_tiles=half)[:4])
+      prep = jax.jit(lambda *a: sm.prepare_mgpu(
+          *a, compensation=True, chunk=chunk, half_tiles=half,
+          chunk_impl="jnp" if emulate else "pallas")[:4])
       tables, qp, kp, vp = prep(*args)
       statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
       if emulate:

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common
+from pallas_kernels import chunk_list, common
 
 # Key rows per TMA copy; key clusters are padded to a multiple of it. H100, Wan 720p kernel
 # problem at density 0.25 (benchmarks/results/kernels_h100.md): 8 -> 87.1 ms, 16 -> 79.6 ms
@@ -277,8 +277,8 @@ def _key_chunks(seq_len, num_k_clusters, chunk):
 
 
 def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK,
-                       half_tiles: bool = True):
-  """Tables of the Mosaic GPU kernel (pure jnp; shapes static in S, Kq, Kk).
+                       half_tiles: bool = True, chunk_impl: str = "jnp"):
+  """Tables of the Mosaic GPU kernel (shapes static in S, Kq, Kk).
 
   Args:
     q_sizes: [G, Kq] int, query cluster sizes (clusters are consecutive in sorted order).
@@ -287,6 +287,8 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
     seq_len: S.
     chunk: key (and query) rows per chunk; clusters are padded to a multiple of it.
     half_tiles: mark tiles with at most BLOCK_Q real rows (tile_wgs = 1).
+    chunk_impl: how the chunk lists are built: "jnp" (`chunk_list_reference`), "pallas"
+      (the `chunk_list` kernel; GPU) or "interpret" (the kernel in interpret mode).
 
   Returns:
     dict with
@@ -304,6 +306,8 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
       q_slot [G, S] int32: output slot of each sorted query position (-1: no cluster),
     and nan_chunk (the all-NaN chunk after the keys; centroid rows follow it).
   """
+  if chunk_impl not in ("jnp", "pallas", "interpret"):
+    raise ValueError(f"chunk_impl must be 'jnp', 'pallas' or 'interpret', got {chunk_impl!r}")
   g, kq, kk = block_map.shape
   s = seq_len
   per_step = BLOCK_K // chunk
@@ -340,25 +344,15 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
                                      key_chunks, chunk)
 
   # chunk list of query cluster i: the chunk runs of its exact key clusters, in j order
-  sel = block_map & (nch > 0)[:, None, :]
-  cnt = jnp.where(sel, nch[:, None, :], 0)
-  c_end = jnp.cumsum(cnt, axis=-1)
-  c_start = c_end - cnt
-  n_chunks = c_end[..., -1]
-  max_steps = common.cdiv(key_chunks, per_step)
-  width = max_steps * per_step
-  j_ids = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (g, kq, kk))
-  gi = jnp.arange(g)[:, None, None]
-  ci = jnp.arange(kq)[None, :, None]
-  # selected runs have distinct starts; unselected (empty) ones write -1 under max
-  mark = jnp.full((g, kq, width), -1, jnp.int32).at[gi, ci, c_start].max(
-      jnp.where(sel, j_ids, -1), mode="drop")
-  run = jnp.maximum(lax.cummax(mark, axis=2), 0)
-  slot = jnp.arange(width, dtype=jnp.int32)
-  # one gather: slot s of run j reads chunk pch_start[j] + (s - c_start[j])
-  src = jnp.take_along_axis(pch_start[:, None, :] - c_start, run, 2) + slot
+  cnt = jnp.where(block_map, nch[:, None, :], 0)
+  n_chunks = jnp.sum(cnt, axis=-1)
+  width = common.cdiv(key_chunks, per_step) * per_step
   nan_chunk = key_chunks
-  chunks = jnp.where(slot < n_chunks[..., None], src, nan_chunk).astype(jnp.int32)
+  if chunk_impl == "jnp":
+    chunks = chunk_list.chunk_list_reference(cnt, pch_start, width=width, fill=nan_chunk)
+  else:
+    chunks = chunk_list.chunk_list(cnt, pch_start, width=width, fill=nan_chunk,
+                                   interpret=chunk_impl == "interpret")
   return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32),
               tile_wgs=tile_wgs.astype(jnp.int32), query_rows=query_rows,
               n_exact=common.cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
@@ -403,13 +397,14 @@ def _heads_first_rows(x, rows, index, heads):
 
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
-                 compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True):
+                 compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True,
+                 chunk_impl="jnp"):
   """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout)."""
   heads = q.shape[2] if q.ndim == 4 else None
   s = q.shape[1]
   g, kq, kk = block_map.shape
   lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk,
-                           half_tiles=half_tiles)
+                           half_tiles=half_tiles, chunk_impl=chunk_impl)
   q_sorted, _ = _heads_first_rows(q, lay["query_rows"], q_index, heads)
   kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, heads)
   vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, heads)
@@ -547,7 +542,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
   tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
       compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
-      half_tiles=half_tiles)
+      half_tiles=half_tiles, chunk_impl="jnp" if emulate else "pallas")
   scale = sm_scale * _LOG2E
   if emulate:
     out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)

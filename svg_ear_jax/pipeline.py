@@ -113,7 +113,10 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
   q_res = kmeans.kmeans(q, q_init, **km)
   k_res = kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
-  v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters)
+  # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
+  v_sums, _ = kmeans.cluster_sums(v, k_res.labels, cfg.num_k_clusters)
+  sizes = k_res.sizes[..., None]
+  v_centroids = jnp.where(sizes > 0, v_sums / jnp.maximum(sizes, 1).astype(jnp.float32), 0.0)
   return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
 
 

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from svg_ear_jax import SvgEarConfig, svg_ear_attention
-from test_pallas_kernels import _args, _assert_close, _problem, sa
+from test_pallas_kernels import _args, _assert_close, _problem, abstract_h100, sa  # noqa: F401
 
 # the package exports the function `sparse_attention_mgpu`, which shadows the module
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
+cl = importlib.import_module("pallas_kernels.chunk_list")
 
 _ON_HOPPER = sm.on_hopper()
 
@@ -62,11 +63,11 @@ def test_emulated_kernel_tokens_first_with_permutations():
   _assert_close(got, _ref(p, True, 0.2), jnp.float32)
 
 
-@pytest.mark.parametrize("chunk", [8, 16])
-def test_layout_chunks_cover_exactly_the_selected_keys(chunk):
+@pytest.mark.parametrize("chunk,impl", [(8, "jnp"), (16, "jnp"), (16, "interpret")])
+def test_layout_chunks_cover_exactly_the_selected_keys(chunk, impl):
   p = _problem(5, s=333, d=8, kq=5, kk=24, tiny=True)
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333,
-                              chunk=chunk)
+                              chunk=chunk, chunk_impl=impl)
   per_step = sm.BLOCK_K // chunk
   ks = np.asarray(p["k_sizes"])
   bm = np.asarray(p["block_map"])
@@ -88,6 +89,28 @@ def test_layout_chunks_cover_exactly_the_selected_keys(chunk):
       want = np.flatnonzero(bm[h, c][k_lab[h]])
       np.testing.assert_array_equal(np.sort(keys), want)
       assert len(np.unique(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("seed,kk,width,block", [(0, 24, 100, 16), (1, 37, 64, 32),
+                                                 (2, 5, 300, 128)])
+def test_chunk_list_kernel_matches_reference(seed, kk, width, block):
+  # the Pallas-Triton chunk lists (interpret mode) equal the jnp ones slot for slot: runs of
+  # 0-9 chunks, lists that end mid-block, fill the whole width or are empty; the width is
+  # not a multiple of the block (masked stores)
+  rng = np.random.default_rng(seed)
+  g, kq = 2, 6
+  cnt = rng.integers(0, 10, size=(g, kq, kk)) * (rng.random((g, kq, kk)) < 0.5)
+  cnt[:, 0] = 0  # an empty list
+  cnt[0, 1] = 0
+  cnt[0, 1, : width // 9] = 9  # a list that fills the width (almost)
+  cnt = jnp.asarray(np.minimum(cnt, width // kk + 1), jnp.int32)
+  assert int(jnp.sum(cnt, -1).max()) <= width
+  start = jnp.asarray(np.cumsum(rng.integers(0, 12, size=(g, kk)), -1), jnp.int32)
+  kw = dict(width=width, fill=-7)
+  want = cl.chunk_list_reference(cnt, start, **kw)
+  got = cl.chunk_list(cnt, start, block=block, interpret=True, **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (np.asarray(want)[:, 0] == -7).all()
 
 
 def test_layout_query_slots_are_distinct_and_in_their_tile():
@@ -155,14 +178,19 @@ def test_pipeline_mosaic_matches_triton_kernel():
 
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
+@pytest.mark.usefixtures("abstract_h100")
 @pytest.mark.parametrize("chunk", [16, 8])
 def test_lowers_to_mosaic_gpu_for_cuda(chunk):
-  # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference)
+  # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
+  # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
   fn = functools.partial(sm.sparse_attention_mgpu, compensation=True, sm_scale=0.1,
                          chunk_rows=chunk)
-  exp = export.export(jax.jit(fn), platforms=["cuda"])(*_args(p))
-  assert "mosaic_gpu" in exp.mlir_module()
+  triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
+      *_args(p))
+  module = exp.mlir_module()
+  assert "mosaic_gpu" in module and module.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
