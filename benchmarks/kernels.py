@@ -282,14 +282,20 @@ PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)
     (32, 32, 8, 4), (32, 32, 16, 4), (64, 16, 16, 4), (64, 64, 16, 4), (64, 32, 16, 8)]
 
 
+def clustered_workload(grid, heads, head_dim, clusters):
+  """Heads-first bf16 q, k, v [G, S, D] of the structured workload (seed 0) and their
+  clustering after 10 cold k-means iterations (XLA)."""
+  q, k, v = (jnp.asarray(a, jnp.bfloat16)[0].transpose(1, 0, 2)
+             for a in workloads.structured(grid, heads, head_dim, seed=0))
+  cfg = SvgEarConfig(num_q_clusters=clusters[0], num_k_clusters=clusters[1], kmeans_iters=10)
+  return q, k, v, jax.jit(lambda q, k, v: pipeline.cluster(q, k, v, cfg, "xla"))(q, k, v)
+
+
 def probe(configs, budget_end, grid=workloads.WAN_720P, heads=40, head_dim=128,
           clusters=(300, 1000), interpret=False):
   """EAR probe per (block_qc, block_k, cluster_splits, num_warps), on the clusters of 10
   cold k-means iterations of the structured workload; max |difference| from the first."""
-  q, k, v = (jnp.asarray(a, jnp.bfloat16)[0].transpose(1, 0, 2)
-             for a in workloads.structured(grid, heads, head_dim, seed=0))
-  cfg = SvgEarConfig(num_q_clusters=clusters[0], num_k_clusters=clusters[1], kmeans_iters=10)
-  cl = jax.jit(lambda q, k, v: pipeline.cluster(q, k, v, cfg, "xla"))(q, k, v)
+  q, k, v, cl = clustered_workload(grid, heads, head_dim, clusters)
   perm = permutation.cluster_layout(cl.k.labels, cl.k.sizes).perm
   args = (cl.q.centroids, k, v, cl.k.centroids, cl.v_centroids, cl.k.sizes, perm)
   emit(what="probe_problem", G=q.shape[0], S=q.shape[1], D=q.shape[2], Kq=clusters[0],
@@ -318,10 +324,7 @@ def assign(configs, budget_end, grid=workloads.WAN_720P, heads=40, head_dim=128,
   """k-means assignment per (block_n, block_k, num_warps, num_stages) on the structured
   workload's Q and K with the centroids of 10 cold k-means iterations; labels must equal
   those of the first configuration."""
-  q, k, v = (jnp.asarray(a, jnp.bfloat16)[0].transpose(1, 0, 2)
-             for a in workloads.structured(grid, heads, head_dim, seed=0))
-  cfg = SvgEarConfig(num_q_clusters=clusters[0], num_k_clusters=clusters[1], kmeans_iters=10)
-  cl = jax.jit(lambda q, k, v: pipeline.cluster(q, k, v, cfg, "xla"))(q, k, v)
+  q, k, _, cl = clustered_workload(grid, heads, head_dim, clusters)
   points = dict(q=(q, cl.q.centroids), k=(k, cl.k.centroids))
   emit(what="assign_problem", G=q.shape[0], S=q.shape[1], D=q.shape[2], Kq=clusters[0],
        Kk=clusters[1])
