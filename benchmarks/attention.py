@@ -68,6 +68,27 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   return ms
 
 
+def pipeline_stages(q, k, v, cfg, state):
+  """{stage: (jitted fn, args)} for the pipeline's stages of a warm call on [B, S, H, D]
+  q, k, v from `state`: "layout" (the heads-first copies the clustering reads), "cluster",
+  "route" and "attend" (each fed the previous stage's outputs, computed here once)."""
+  impl = resolve_implementation(cfg)
+  heads_first = jax.jit(lambda *xs: tuple(_heads_first(x) for x in xs))
+  qg, kg, vg = heads_first(q, k, v)
+  g, _, d = qg.shape
+  q_init = state.q_centroids.reshape(g, -1, d)
+  k_init = state.k_centroids.reshape(g, -1, d)
+  cluster = jax.jit(lambda q, k, v, qi, ki: pipeline.cluster(q, k, v, cfg, impl, qi, ki))
+  clusters = cluster(qg, kg, vg, q_init, k_init)
+  route = jax.jit(lambda q, k, v, c: pipeline.route(q, k, v, c, cfg, impl))
+  block_map = route(qg, kg, vg, clusters)
+  attend = jax.jit(lambda q, k, v, c, m: pipeline.attend(q, k, v, c, m, cfg, impl))
+  return {"layout": (heads_first, (q, k, v)),
+          "cluster": (cluster, (qg, kg, vg, q_init, k_init)),
+          "route": (route, (qg, kg, vg, clusters)),
+          "attend": (attend, (q, k, v, clusters, block_map))}
+
+
 def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters,
                  attention_kernel="auto"):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
@@ -84,20 +105,15 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
   dens = float(aux.density.mean())
 
   pipeline_impl = resolve_implementation(cfg)
-  qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
-  g, s, d = qg.shape
-  q_init = state.q_centroids.reshape(g, -1, d)
-  k_init = state.k_centroids.reshape(g, -1, d)
-  cluster = jax.jit(lambda q, k, v, qi, ki: pipeline.cluster(q, k, v, cfg, pipeline_impl, qi, ki))
-  clusters = cluster(qg, kg, vg, q_init, k_init)
-  route = jax.jit(lambda q, k, v, c: pipeline.route(q, k, v, c, cfg, pipeline_impl))
-  block_map = route(qg, kg, vg, clusters)
-  attend = jax.jit(lambda q, k, v, c, m: pipeline.attend(q, k, v, c, m, cfg, pipeline_impl))
-  kmeans_ms, _ = timing.measure_ms(cluster, qg, kg, vg, q_init, k_init, iterations=iters)
-  route_ms, _ = timing.measure_ms(route, qg, kg, vg, clusters, iterations=iters)
-  attend_ms, _ = timing.measure_ms(attend, q, k, v, clusters, block_map, iterations=iters)
+  stages = pipeline_stages(q, k, v, cfg, state)
+  _, s, _, d = q.shape
+  g = q.shape[0] * q.shape[2]
+  stage_ms = {name: timing.measure_ms(fn, *args, iterations=iters)[0]
+              for name, (fn, args) in stages.items() if name != "layout"}
+  kmeans_ms, route_ms, attend_ms = stage_ms["cluster"], stage_ms["route"], stage_ms["attend"]
   kernel_ms = float("nan")
   if pipeline_impl == "pallas":
+    _, (_, _, _, clusters, block_map) = stages["attend"]
     kernel_ms = time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters)
   useful_flops = 4.0 * d * dens * s * s * g
   t_kernel = kernel_ms if np.isfinite(kernel_ms) else attend_ms

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from benchmarks import attention as attention_bench
 from benchmarks import workloads
-from svg_ear_jax import SvgEarConfig, pipeline, resolve_implementation, svg_ear_attention
+from svg_ear_jax import SvgEarConfig, svg_ear_attention
 
 
 def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
@@ -47,27 +47,13 @@ def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
   return {name: tuple(v) for name, v in sorted(agg.items(), key=lambda kv: -kv[1][1])}
 
 
-def stage_calls(shape, q, k, v, cfg):
+def stage_calls(q, k, v, cfg):
   """(name, jitted fn, args) of every stage, with the warm state of one cold call."""
-  impl = resolve_implementation(cfg)
   _, aux = jax.jit(functools.partial(svg_ear_attention, cfg=cfg, return_aux=True))(q, k, v)
-  state = aux.state
-  heads_first = jax.jit(lambda *xs: tuple(attention_bench._heads_first(x) for x in xs))
-  qg, kg, vg = heads_first(q, k, v)
-  g, _, d = qg.shape
-  q_init = state.q_centroids.reshape(g, -1, d)
-  k_init = state.k_centroids.reshape(g, -1, d)
-  cluster = jax.jit(lambda q, k, v, qi, ki: pipeline.cluster(q, k, v, cfg, impl, qi, ki))
-  clusters = cluster(qg, kg, vg, q_init, k_init)
-  route = jax.jit(lambda q, k, v, c: pipeline.route(q, k, v, c, cfg, impl))
-  block_map = route(qg, kg, vg, clusters)
-  attend = jax.jit(lambda q, k, v, c, m: pipeline.attend(q, k, v, c, m, cfg, impl))
   whole = jax.jit(lambda q, k, v, st: svg_ear_attention(q, k, v, cfg, state=st))
-  return [("layout", heads_first, (q, k, v)),
-          ("cluster", cluster, (qg, kg, vg, q_init, k_init)),
-          ("route", route, (qg, kg, vg, clusters)),
-          ("attend", attend, (q, k, v, clusters, block_map)),
-          ("whole call", whole, (q, k, v, state))]
+  stages = attention_bench.pipeline_stages(q, k, v, cfg, aux.state)
+  return [(name, *stages[name]) for name in ("layout", "cluster", "route", "attend")] + [
+      ("whole call", whole, (q, k, v, aux.state))]
 
 
 def markdown(result, top: int) -> str:
@@ -105,7 +91,7 @@ def main(argv=None):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
                      routing=args.routing, density=args.density)
   stages = []
-  for name, fn, fargs in stage_calls(shape, q, k, v, cfg):
+  for name, fn, fargs in stage_calls(q, k, v, cfg):
     times = kernel_times(fn, *fargs)
     stages.append(dict(stage=name, launches=sum(n for n, _ in times.values()),
                        total_ms=sum(ms for _, ms in times.values()),

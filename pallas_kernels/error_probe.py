@@ -125,7 +125,7 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
     common.check_block(name, b)
   if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
     raise ValueError(f"cluster_splits must be an int >= 1, got {cluster_splits!r}")
-  per_program = -(-kk // cluster_splits)
+  per_program = common.cdiv(kk, cluster_splits)
   k_sizes = k_sizes.astype(jnp.int32)
   if kv_index is not None:
     kv_index = kv_index.astype(jnp.int32)
@@ -151,7 +151,7 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   # centroid blocks vary fastest, then cluster ranges: the programs in flight share a head's
   # keys in L2
   out = pl.pallas_call(
-      kernel, grid=(-(-kq // block_qc), -(-kk // per_program), g),
+      kernel, grid=(common.cdiv(kq, block_qc), common.cdiv(kk, per_program), g),
       in_specs=[spec(x) for x in inputs],
       out_specs=pl.BlockSpec((None, kk * kq), lambda i, j, h: (h, 0)),
       out_shape=jax.ShapeDtypeStruct((g, kk * kq), jnp.float32), interpret=interpret,

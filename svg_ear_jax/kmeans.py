@@ -104,12 +104,15 @@ def cluster_sums(x: jax.Array, labels: jax.Array, num_clusters: int):
 
 
 def cluster_means(x: jax.Array, labels: jax.Array, num_clusters: int,
-                  fallback: Optional[jax.Array] = None):
+                  fallback: Optional[jax.Array] = None, counts: Optional[jax.Array] = None):
   """Means of the points of each cluster: ([G, K, D] f32, sizes [G, K] int32).
 
   Empty clusters get `fallback` (their previous centroid) or zeros when it is None.
+  `counts`: [G, K] sizes of these labels when already known (e.g. a KMeansResult's), so
+  that they are not counted again.
   """
-  sums, counts = cluster_sums(x, labels, num_clusters)
+  sums, own_counts = cluster_sums(x, labels, num_clusters)
+  counts = own_counts if counts is None else counts
   means = sums / jnp.maximum(counts, 1)[..., None].astype(jnp.float32)
   empty = (counts == 0)[..., None]
   means = jnp.where(empty, 0.0 if fallback is None else fallback, means)

@@ -114,9 +114,8 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   q_res = kmeans.kmeans(q, q_init, **km)
   k_res = kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
   # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
-  v_sums, _ = kmeans.cluster_sums(v, k_res.labels, cfg.num_k_clusters)
-  sizes = k_res.sizes[..., None]
-  v_centroids = jnp.where(sizes > 0, v_sums / jnp.maximum(sizes, 1).astype(jnp.float32), 0.0)
+  v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,
+                                        counts=k_res.sizes)
   return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
 
 
