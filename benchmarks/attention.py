@@ -7,6 +7,9 @@ density, useful TFLOP/s of the sparse kernel (4 * D * exact area / time), relati
 vs the dense output, and XLA's memory accounting of both calls. Inputs are the structured
 video-like workload of benchmarks/workloads.py (seed 0) in bf16.
 
+"mean" vs "variance" compensation in one run (benchmarks/results/attention_h200_variance.json):
+  python -m benchmarks.attention --shapes wan22_720p --densities 0.15 0.25 \
+      --compensations mean variance --out benchmarks/results/attention_h200_variance
 Reproduce every row of benchmarks/results/attention_h100.json on one H100:
   python -m benchmarks.attention --shapes wan22_720p wan22_480p hunyuan_720p \
       --densities 0.15 0.25 0.35 ref --routings ear --out benchmarks/results/attention_h100
@@ -61,10 +64,13 @@ def time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters):
   q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
   k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
   kernel = jax.jit(pipeline.attention_kernel(cfg, q))
+  spread = clusters.k_spread
+  extra = () if spread is None else (spread.variance, spread.radius)
   ms, _ = timing.measure_ms(
-      lambda *a: kernel(*a[:8], q_index=a[8], kv_index=a[9]), q, k, v, q_lay.sizes,
-      k_lay.sizes, block_map, clusters.k.centroids, clusters.v_centroids, q_lay.perm,
-      k_lay.perm, iterations=iters)
+      lambda *a: kernel(*a[:8], q_index=a[8], kv_index=a[9],
+                        **(dict(k_variance=a[10], k_radius=a[11]) if len(a) > 10 else {})),
+      q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
+      clusters.v_centroids, q_lay.perm, k_lay.perm, *extra, iterations=iters)
   return ms
 
 
@@ -90,10 +96,10 @@ def pipeline_stages(q, k, v, cfg, state):
 
 
 def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters,
-                 attention_kernel="auto"):
+                 attention_kernel="auto", compensation="mean"):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
                      routing=routing, density=density, implementation=impl,
-                     attention_kernel=attention_kernel)
+                     attention_kernel=attention_kernel, compensation=compensation)
   call = jax.jit(functools.partial(svg_ear_attention, cfg=cfg, return_aux=True))
   _, cold_aux = call(q, k, v)  # cold start: 50 iterations, gives the warm state
   state = cold_aux.state
@@ -123,6 +129,7 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
       batch=q.shape[0], seq_len=s, heads=q.shape[2], head_dim=d,
       num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
       routing=routing, budget="top-p 0.9" if density is None else density,
+      compensation=cfg.compensation,
       implementation=pipeline_impl,
       attention_kernel=(("mosaic" if pipeline._use_mosaic(cfg, q) else "triton")
                         if pipeline_impl == "pallas" else None),
@@ -136,14 +143,15 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
 
 
 def markdown(rows):
-  head = ("| shape | S | H | routing | budget | density | dense cuDNN ms | SVG-EAR ms | speedup |"
-          " k-means ms | routing ms | attention ms | kernel TFLOP/s | rel. err | mem GB |"
-          " mem vs dense |")
-  lines = [head, "|" + "---|" * 16]
+  head = ("| shape | S | H | routing | comp. | budget | density | dense cuDNN ms | SVG-EAR ms |"
+          " speedup | k-means ms | routing ms | attention ms | kernel TFLOP/s | rel. err |"
+          " mem GB | mem vs dense |")
+  lines = [head, "|" + "---|" * 17]
   for r in rows:
     budget = r["budget"] if isinstance(r["budget"], str) else f"{r['budget']:.2f}"
     lines.append(
-        f"| {r['name']} | {r['seq_len']} | {r['heads']} | {r['routing']} | {budget} | "
+        f"| {r['name']} | {r['seq_len']} | {r['heads']} | {r['routing']} | "
+        f"{r.get('compensation', 'mean')} | {budget} | "
         f"{r['density']:.3f} | {r['dense_ms']:.1f} | {r['svg_ear_ms']:.1f} | "
         f"{r['speedup_vs_cudnn']:.2f}x | {r['kmeans_ms']:.1f} | {r['routing_ms']:.1f} | "
         f"{r['attention_ms']:.1f} | {r['sparse_tflops']:.0f} | {r['rel_err']:.4f} | "
@@ -158,6 +166,9 @@ def main(argv=None):
   parser.add_argument("--densities", nargs="+", default=["0.25"],
                       help="fixed densities in (0, 1], or 'ref' for the reference top-p budget")
   parser.add_argument("--routings", nargs="+", default=["ear"], choices=["ear", "topp"])
+  parser.add_argument("--compensations", nargs="+", default=["mean"],
+                      choices=["none", "mean", "variance"],
+                      help="SvgEarConfig.compensation values, timed in the same run")
   parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "xla"])
   parser.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "mosaic"],
                       help="Pallas attention kernel (SvgEarConfig.attention_kernel)")
@@ -190,12 +201,14 @@ def main(argv=None):
           f"{dense_mem:.2f} GB", flush=True)
     for routing in args.routings:
       for density in densities:
-        row = bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density,
-                           args.implementation, args.iters, args.attention_kernel)
-        row["dense_mem_gb"] = dense_mem
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        write(rows, args.out)  # after every row: a timeout keeps what was measured
+        for compensation in args.compensations:
+          row = bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density,
+                             args.implementation, args.iters, args.attention_kernel,
+                             compensation)
+          row["dense_mem_gb"] = dense_mem
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+          write(rows, args.out)  # after every row: a timeout keeps what was measured
   print(markdown(rows))
   return 0
 

@@ -39,3 +39,19 @@ def check_heads(q, k, v, block_map):
   if block_map.shape[0] != g:
     raise ValueError(f"block_map has {block_map.shape[0]} heads, q has {g}")
   return g, h
+
+
+def compensation_mode(compensation, k_variance, k_radius, k_centroids) -> str:
+  """"none" / "mean" / "variance" (booleans: True = "mean", False = "none"), after checking
+  that "variance" comes with k_variance [G, Kk, D] and k_radius [G, Kk] like k_centroids."""
+  if isinstance(compensation, bool):
+    compensation = "mean" if compensation else "none"
+  if compensation not in ("none", "mean", "variance"):
+    raise ValueError(f"compensation must be 'none', 'mean' or 'variance', got {compensation!r}")
+  if compensation == "variance":
+    if k_variance is None or k_radius is None:
+      raise ValueError("compensation='variance' needs k_variance and k_radius")
+    if k_variance.shape != k_centroids.shape or k_radius.shape != k_centroids.shape[:-1]:
+      raise ValueError(f"k_variance {k_variance.shape} / k_radius {k_radius.shape} do not "
+                       f"match k_centroids {k_centroids.shape}")
+  return compensation

@@ -94,7 +94,7 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
 def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_scale: float,
                     block_qc: int = 64, block_k: int = 32, cluster_splits: int = 32,
                     num_warps: int = 4, num_stages: int = 2, kv_index=None,
-                    interpret: bool = False):
+                    pseudo_logits=None, interpret: bool = False):
   """log E_ij for every (query centroid, key cluster) pair.
 
   Args:
@@ -114,6 +114,9 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
       2.89 ms.
     kv_index: optional [G, S] int32 permutation: sorted position p is token kv_index[g, p]
       of k and v (read through it, so no permuted copies are made).
+    pseudo_logits: optional [G, Kq, Kk] float32 logit of the pseudo-token that replaces
+      block (i, j) (default c_ij = qbar_i . kbar_j * sm_scale, the paper's); e.g. c_ij plus
+      a second-moment correction, so that E_ij is the error of the compensation in use.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -130,8 +133,14 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   if kv_index is not None:
     kv_index = kv_index.astype(jnp.int32)
   vsq, cross = _value_stats(v, k_sizes, v_centroids, kv_index)
-  logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
-                      k_centroids.astype(jnp.float32), precision=_HI) * sm_scale
+  if pseudo_logits is None:
+    logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
+                        k_centroids.astype(jnp.float32), precision=_HI) * sm_scale
+  else:
+    if pseudo_logits.shape != (g, kq, kk):
+      raise ValueError(f"pseudo_logits must be [G, Kq, Kk] = {(g, kq, kk)}, got "
+                       f"{pseudo_logits.shape}")
+    logits = pseudo_logits.astype(jnp.float32).transpose(0, 2, 1)
   vc_sq = jnp.sum(jnp.square(v_centroids.astype(jnp.float32)), -1)
   dp = max(16, common.next_pow2(d))
   qc = q_centroids.astype(jnp.float32)
@@ -162,7 +171,7 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
 
 
 def ear_error_probe_reference(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *,
-                              sm_scale: float):
+                              sm_scale: float, pseudo_logits=None):
   """Direct float32 jnp evaluation of the same log E_ij (materialises [G, Kq, S, D])."""
   g, s, d = k.shape
   kk = k_sizes.shape[-1]
@@ -170,6 +179,8 @@ def ear_error_probe_reference(q_centroids, k, v, k_centroids, v_centroids, k_siz
   f32 = lambda x: x.astype(jnp.float32)
   a = jnp.einsum("gqd,gsd->gqs", f32(q_centroids), f32(k), precision=_HI) * sm_scale
   c = jnp.einsum("gqd,gkd->gqk", f32(q_centroids), f32(k_centroids), precision=_HI) * sm_scale
+  if pseudo_logits is not None:
+    c = f32(pseudo_logits)
   c_t = jnp.take_along_axis(c, jnp.broadcast_to(labels[:, None, :], a.shape), axis=2,
                             mode="clip")
   vc_t = jnp.take_along_axis(f32(v_centroids), labels[..., None], axis=1, mode="clip")

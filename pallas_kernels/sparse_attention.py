@@ -3,8 +3,10 @@
 For a query in query cluster i: one softmax over (a) every key of every key cluster j with
 block_map[i, j] (logit q.k * sm_scale, value v) and, with compensation, (b) one pseudo-token
 per non-empty key cluster j with block_map[i, j] == False (logit q.kbar_j * sm_scale +
-log n_j, value vbar_j) (ALGORITHM.md 2(d)). One program per query tile walks the row's
-exact keys (layouts in sparse_layout.py), then the centroid tiles, in the same (m, l, acc).
+log n_j, value vbar_j) (ALGORITHM.md 2(d)); "variance" compensation adds
+min(0.5 sm_scale^2 (q*q) . var_j, sm_scale ||q|| r_j) to that logit (ALGORITHM.md 9). One
+program per query tile walks the row's exact keys (layouts in sparse_layout.py), then the
+centroid tiles, in the same (m, l, acc).
 
 Dots: bf16/f16 inputs use the input dtype with float32 accumulation (p is cast to v's dtype,
 as flash attention); float32 inputs use Precision.HIGHEST on GPU (no TF32), so the float32
@@ -106,8 +108,12 @@ def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, 
 
     carry = lax.fori_loop(0, jnp.where(live, r["n_tiles"][c], 0), flat_body, carry)
 
-  if compensation:
+  if compensation != "none":
     idx0 = jnp.arange(block_c)
+    if compensation == "variance":
+      qf = q.astype(jnp.float32)
+      q_sq = (qf * qf).astype(q.dtype)
+      q_norm = jnp.sqrt(jnp.sum(qf * qf, axis=-1))
 
     def centroid_body(jb, carry):
       idx = jb * block_c + idx0
@@ -117,6 +123,11 @@ def _kernel(*refs, names, layout, block_q, block_k, block_c, head_dim, seq_len, 
       log_n = plgpu.load(r["log_n"].at[idx], mask=ok, other=-jnp.inf)
       pseudo = plgpu.load(r["pseudo"].at[c * kk + idx], mask=ok, other=0)
       s = plgpu.dot(q, kc, trans_b=True, precision=precision) * scale + log_n[None, :]
+      if compensation == "variance":
+        kw = plgpu.load(r["kw"].at[idx[:, None], cols[None, :]], mask=mask2(ok), other=0.)
+        rr = plgpu.load(r["rr"].at[idx], mask=ok, other=0.)
+        second = plgpu.dot(q_sq, kw, trans_b=True, precision=precision) * scale
+        s = s + jnp.minimum(second, q_norm[:, None] * rr[None, :])
       return update(carry, jnp.where((pseudo != 0)[None, :], s, -jnp.inf), vc)
 
     # row Kq (positions of no query cluster) gets no pseudo-tokens
@@ -166,7 +177,8 @@ def _call(arrays: dict, table, out, *, block_q, num_warps, num_stages, interpret
     "compensation", "sm_scale", "layout", "block_q", "block_k", "block_c", "tail_block_q",
     "num_warps", "num_stages", "tail_num_warps", "interpret"))
 def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
-                     compensation: bool, sm_scale: float, q_index=None, kv_index=None,
+                     compensation, sm_scale: float, q_index=None, kv_index=None,
+                     k_variance=None, k_radius=None,
                      layout: str = "packed", block_q: int = 64, block_k: int = 64,
                      block_c: int = 64, tail_block_q=None, num_warps: int = 4,
                      num_stages: int = 3, tail_num_warps: int = 4, interpret: bool = False):
@@ -182,13 +194,16 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
     k_sizes: [G, Kk] int32; may sum to less than S (the other keys are never read).
     block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
     k_centroids, v_centroids: [G, Kk, D] any float dtype (cast to q's / v's dtype).
-    compensation: add one pseudo-token per skipped non-empty key cluster.
+    compensation: "mean" (or True): one pseudo-token per skipped non-empty key cluster;
+      "variance": the same with the second-moment logit correction; "none" (or False).
     sm_scale: softmax scale.
     q_index: optional [G, S] int32; if given, q is in original token order, permuted
       position p reads row q_index[g, p] and the output is written to that row (so it is in
       original order too). q_index must be a permutation.
     kv_index: optional [G, S] int32; if given, k and v are in original order and permuted
       key position p reads row kv_index[g, p].
+    k_variance, k_radius: [G, Kk, D] / [G, Kk] float per-dimension variance and radius of
+      every key cluster about its centroid ("variance" compensation only).
     layout: "packed" (keys of a row packed into full tiles) or "flat" (one tile run per
       cluster); see sparse_layout.py.
     block_q, block_k, block_c: query / key / centroid tile sizes (powers of two >= 16).
@@ -203,7 +218,8 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
   """
   arrays, tables, static = _prepare(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, compensation=compensation,
-      sm_scale=sm_scale, q_index=q_index, kv_index=kv_index, layout=layout, block_q=block_q,
+      sm_scale=sm_scale, q_index=q_index, kv_index=kv_index, k_variance=k_variance,
+      k_radius=k_radius, layout=layout, block_q=block_q,
       block_k=block_k, block_c=block_c, tail_block_q=tail_block_q)
   static.update(num_stages=num_stages, interpret=interpret)
   out = _call(arrays, tables[0], None, block_q=block_q, num_warps=num_warps, **static)
@@ -213,9 +229,11 @@ def sparse_attention(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centro
 
 
 def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, compensation,
-             sm_scale, q_index, kv_index, layout, block_q, block_k, block_c, tail_block_q):
+             sm_scale, q_index, kv_index, layout, block_q, block_k, block_c, tail_block_q,
+             k_variance=None, k_radius=None):
   """Kernel inputs (dict), query-tile tables (one per pass) and kernel statics."""
   g, h = common.check_heads(q, k, v, block_map)
+  compensation = common.compensation_mode(compensation, k_variance, k_radius, k_centroids)
   s = q.shape[1]
   kk = block_map.shape[-1]
   for name, b in (("block_q", block_q), ("block_k", block_k), ("block_c", block_c)):
@@ -230,13 +248,18 @@ def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, 
   tables = md.pop("q_tables")
   k_sizes = k_sizes.astype(jnp.int32)
   arrays = dict(md)
-  if compensation:
+  if compensation != "none":
     log_n = jnp.log2(jnp.maximum(k_sizes, 1).astype(jnp.float32))
     arrays["log_n"] = jnp.where(k_sizes > 0, log_n, -jnp.inf)
     pseudo = ~block_map & (k_sizes > 0)[:, None, :]
     arrays["pseudo"] = jnp.pad(pseudo, ((0, 0), (0, 1), (0, 0))).reshape(g, -1).astype(jnp.int8)
     arrays["kc"] = k_centroids.astype(q.dtype)
     arrays["vc"] = v_centroids.astype(v.dtype)
+  if compensation == "variance":
+    # in log2 units: (q*q) . kw * scale = log2(e) 0.5 sm_scale^2 (q*q) . var, and
+    # ||q|| * rr = log2(e) sm_scale ||q|| r
+    arrays["kw"] = (0.5 * sm_scale * k_variance.astype(jnp.float32)).astype(q.dtype)
+    arrays["rr"] = (sm_scale * _LOG2E) * k_radius.astype(jnp.float32)
   arrays.update(q=q, k=k, v=v)
   if q_index is not None:
     arrays["q_index"] = q_index.astype(jnp.int32)
@@ -251,12 +274,14 @@ def _prepare(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *, 
 
 
 def sparse_attention_reference(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
-                               *, compensation: bool, sm_scale: float):
+                               *, compensation, sm_scale: float, k_variance=None,
+                               k_radius=None):
   """Token-level float32 jnp evaluation of `sparse_attention` (permuted inputs; [G, S, D] f32).
 
   Builds the S x S mask from the map and the cluster ids, appends the pseudo-tokens, and
   takes one softmax; small sizes only.
   """
+  compensation = common.compensation_mode(compensation, k_variance, k_radius, k_centroids)
   g, s, _ = q.shape
   kq, kk = block_map.shape[1:]
   label = lambda sizes: common.searchsorted_rows(  # == K past the last cluster
@@ -270,10 +295,12 @@ def sparse_attention_reference(q, k, v, q_sizes, k_sizes, block_map, k_centroids
   logits = jnp.einsum("gqd,gkd->gqk", f32(q), f32(k), precision=hi) * sm_scale
   logits = jnp.where(exact, logits, -jnp.inf)
   values = f32(v)
-  if compensation:
+  if compensation != "none":
     n = k_sizes.astype(jnp.float32)
     pseudo = jnp.einsum("gqd,gkd->gqk", f32(q), f32(k_centroids), precision=hi) * sm_scale
     pseudo = pseudo + jnp.log(jnp.maximum(n, 1.0))[:, None, :]
+    if compensation == "variance":
+      pseudo = pseudo + variance_correction_reference(q, k_variance, k_radius, sm_scale)
     on = ~row[..., :kk] & (n > 0)[:, None, :] & (q_lab < kq)[..., None]
     logits = jnp.concatenate([logits, jnp.where(on, pseudo, -jnp.inf)], axis=-1)
     values = jnp.concatenate([values, f32(v_centroids)], axis=1)
@@ -281,3 +308,14 @@ def sparse_attention_reference(q, k, v, q_sizes, k_sizes, block_map, k_centroids
   p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
   return jnp.einsum("gqk,gkd->gqd", p, values, precision=hi) / jnp.where(l == 0, 1.0, l)
+
+
+def variance_correction_reference(q, k_variance, k_radius, sm_scale):
+  """min(0.5 sm_scale^2 (q*q) . var_j, sm_scale ||q|| r_j) in float32: [G, S, Kk]."""
+  qf = q.astype(jnp.float32)
+  second = 0.5 * sm_scale ** 2 * jnp.einsum("gqd,gkd->gqk", qf * qf,
+                                            k_variance.astype(jnp.float32),
+                                            precision=lax.Precision.HIGHEST)
+  bound = sm_scale * jnp.linalg.norm(qf, axis=-1)[..., None] * k_radius.astype(
+      jnp.float32)[:, None, :]
+  return jnp.minimum(second, bound)

@@ -19,6 +19,11 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   kernel turns into -inf. No per-step mask metadata is needed.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
+  With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
+  centroids and their 64 pseudo-keys 0.5 sm_scale var_j, so two wgmmas of one shared-memory
+  slot give q.kbar and (q*q).w, and the bias row holds the 64 biases and the 64 scaled radii
+  of the clamp (no second ring, no extra shared memory; q*q is squared in registers once
+  per tile and fed to the wgmma from registers).
 - Query tiles are 128 rows of one query cluster, read from a cluster-sorted copy padded
   likewise (Mosaic must prove every TMA row offset a multiple of 8); rows past the cluster
   are computed and dropped, except that a tile whose last 64 rows are all padding (the
@@ -55,6 +60,7 @@ _SMEM_BYTES = 232448 - 4096  # H100 per-block limit, less barriers and alignment
 BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
 TILE_Q = 2 * BLOCK_Q
 BLOCK_K = 128  # key slots per pipeline step
+HALF_K = BLOCK_K // 2  # centroids per "variance" compensation step
 _LOG2E = math.log2(math.e)
 
 
@@ -68,7 +74,7 @@ def on_hopper() -> bool:
 
 def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_ref, q_ref,
             k_ref, v_ref, out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale,
-            dtype, chunk):
+            dtype, chunk, variance):
   """One CTA = one 128-row query tile (head g, tile t); warpgroups 0, 1 compute 64 rows
   each, warpgroup 2 streams the key steps (exact chunk steps, then compensation steps)
   through an `mcs`-deep shared-memory ring. Tables as in `sparse_layout_mgpu`."""
@@ -98,27 +104,49 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
       def _():
         plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
 
-    def step(i, carry, comp, qo):
+    def step(i, carry, comp, qo, q_sq=None):
       """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
       keeps every barrier operation of a computing warpgroup, in the same order, so that
-      the producer's ring and the ping-pong rendezvous keep their counts."""
+      the producer's ring and the ping-pong rendezvous keep their counts. q_sq: (q*q in
+      q's dtype, ||q||) of the warpgroup's rows, for "variance" compensation steps."""
       slot = lax.rem(i, jnp.int32(mcs))
+      width = HALF_K if comp and variance else BLOCK_K
+      keys = k_smem.at[slot] if width == BLOCK_K else k_smem.at[slot, pl.ds(0, width)]
+      values = v_smem.at[slot] if width == BLOCK_K else v_smem.at[slot, pl.ds(0, width)]
       if qo is None:
         schedule_barrier()
       else:
         acc, m_i, l_i = carry
+        acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
+        if width == BLOCK_K:
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
+            schedule_barrier()
+            return acc_ref[...]
 
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-          schedule_barrier()
-          return acc_ref[...]
+          qk = pl.run_scoped(compute_qk, acc_type)
+        else:
+          def compute_qk(acc_ref, second_ref):
+            plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
+            plgpu.wgmma(second_ref, q_sq[0],
+                        k_smem.at[slot, pl.ds(HALF_K, HALF_K)].transpose((1, 0)))
+            schedule_barrier()
+            return acc_ref[...], second_ref[...]
 
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
+          qk, second = pl.run_scoped(compute_qk, acc_type, acc_type)
       if comp:
         plgpu.barrier_wait(b_bar.at[slot])
       if qo is not None:
-        if comp:
-          bias = plgpu.load(b_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        row_vec = plgpu.Layout.WGMMA.reduce(0)
+        if comp and variance:
+          bias = plgpu.load(b_smem.at[slot, pl.ds(0, HALF_K)], layout=row_vec)
+          radius = plgpu.load(b_smem.at[slot, pl.ds(HALF_K, HALF_K)], layout=row_vec)
+          bound = (lax.broadcast_in_dim(q_sq[1], qk.shape, [0])
+                   * lax.broadcast_in_dim(radius, qk.shape, [1]))
+          s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+               + jnp.minimum(second * scale, bound))
+        elif comp:
+          bias = plgpu.load(b_smem.at[slot], layout=row_vec)
           s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
         else:  # NaN = a padding key row
           s = jnp.where(qk != qk, -jnp.inf, qk * scale)
@@ -139,7 +167,7 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
         wait_k(i + 1)
       else:
         def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          plgpu.wgmma(acc_ref, p16, values)
           wait_k(i + 1)  # while the wgmma runs
 
         acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
@@ -150,8 +178,12 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
     def key_steps(carry, qo):
       carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False, qo=qo), carry)
       if num_comp:
-        carry = lax.fori_loop(n_exact, n_steps, functools.partial(step, comp=True, qo=qo),
-                              carry)
+        q_sq = None
+        if variance and qo is not None:  # live only during the compensation steps
+          qf = qo[...].astype(jnp.float32)
+          q_sq = ((qf * qf).astype(dtype), jnp.sqrt(jnp.sum(qf * qf, axis=1)))
+        carry = lax.fori_loop(n_exact, n_steps,
+                              functools.partial(step, comp=True, qo=qo, q_sq=q_sq), carry)
       return carry
 
     @pl.when(live & ~busy)
@@ -230,7 +262,8 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
         issue_v(slot, rows)
 
 
-def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, chunk):
+def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, chunk,
+          variance=False):
   """The kernel on prepared inputs (`prepare_mgpu`): slot-space output [G, T * 128, D]."""
   per_step = BLOCK_K // chunk
   tile_c, tile_q0, tile_wgs, n_exact, chunks, bias = tables
@@ -258,7 +291,7 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
     pl.run_scoped(
         lambda *scoped: _kernel(*refs, scoped, num_comp=num_comp, comp_base=comp_base,
                                 max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype,
-                                chunk=chunk),
+                                chunk=chunk, variance=variance),
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   return plgpu.kernel(
@@ -398,8 +431,12 @@ def _heads_first_rows(x, rows, index, heads):
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                  compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True,
-                 chunk_impl="jnp"):
-  """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout)."""
+                 chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None):
+  """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout).
+
+  sm_scale is needed (and used) by "variance" compensation only.
+  """
+  compensation = common.compensation_mode(compensation, k_variance, k_radius, k_centroids)
   heads = q.shape[2] if q.ndim == 4 else None
   s = q.shape[1]
   g, kq, kk = block_map.shape
@@ -411,32 +448,47 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   d = kp.shape[-1]
   kp = jnp.where(ok[..., None], kp, jnp.nan)
   vp = jnp.where(ok[..., None], vp, 0)
-  kkp = common.cdiv(kk, BLOCK_K) * BLOCK_K
-  pad_c = ((0, 0), (0, kkp - kk), (0, 0))
-  nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
-  k_pad = jnp.concatenate([kp, nan_rows, jnp.pad(k_centroids.astype(kp.dtype), pad_c)], 1)
-  v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows),
-                           jnp.pad(v_centroids.astype(vp.dtype), pad_c)], 1)
+  per = HALF_K if compensation == "variance" else BLOCK_K  # centroids per step
+  kkp = common.cdiv(kk, per) * per
+  pad_c = lambda x: jnp.pad(x, ((0, 0), (0, kkp - kk)) + ((0, 0),) * (x.ndim - 2))
+  kc, vc = pad_c(k_centroids.astype(kp.dtype)), pad_c(v_centroids.astype(vp.dtype))
   k_sizes = k_sizes.astype(jnp.int32)
-  if compensation:
-    log_n = jnp.log2(jnp.maximum(k_sizes, 1).astype(jnp.float32))
-    bias = jnp.where(~block_map & (k_sizes > 0)[:, None, :], log_n[:, None, :], -jnp.inf)
-    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, kkp - kk)), constant_values=-jnp.inf)
-  else:
+  log_n = jnp.log2(jnp.maximum(k_sizes, 1).astype(jnp.float32))
+  bias = jnp.where(~block_map & (k_sizes > 0)[:, None, :], log_n[:, None, :], -jnp.inf)
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, kkp - kk)), constant_values=-jnp.inf)
+  if compensation == "variance":
+    # step h: rows [kbar_j ; 0.5 sm_scale var_j] and bias [log2 n_j ; log2(e) sm_scale r_j]
+    # for the 64 centroids j of the step (values [vbar_j ; 0])
+    steps = kkp // HALF_K
+    halves = lambda a, b: jnp.stack([a.reshape(g, steps, HALF_K, -1),
+                                     b.reshape(g, steps, HALF_K, -1)], 2).reshape(g, -1, d)
+    w = pad_c((0.5 * sm_scale * k_variance.astype(jnp.float32)).astype(kp.dtype))
+    kc, vc = halves(kc, w), halves(vc, jnp.zeros_like(vc))
+    rr = pad_c((sm_scale * _LOG2E) * k_radius.astype(jnp.float32))
+    bias = jnp.stack([bias.reshape(g, kq, steps, HALF_K),
+                      jnp.broadcast_to(rr.reshape(g, 1, steps, HALF_K), (g, kq, steps, HALF_K))],
+                     3).reshape(g, kq, -1)
+  if compensation == "none":
     bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
+  nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
+  k_pad = jnp.concatenate([kp, nan_rows, kc], 1)
+  v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows), vc], 1)
   tables = (lay["tile_c"], lay["tile_q0"], lay["tile_wgs"], lay["n_exact"], lay["chunks"],
             bias)
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   return tables, q_sorted, k_pad, v_pad, statics, lay
 
 
-def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation: bool,
+def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
                    chunk: int = CHUNK) -> dict:
   """Static arguments of the kernel (`_call`) and `emulate_kernel` for these sizes."""
+  if isinstance(compensation, bool):
+    compensation = "mean" if compensation else "none"
   # centroid rows follow the keys and the one NaN chunk (see prepare_mgpu)
   comp_base = (_key_chunks(seq_len, num_k_clusters, chunk) + 1) * chunk
-  return dict(num_comp=common.cdiv(num_k_clusters, BLOCK_K) if compensation else 0,
-              comp_base=comp_base, chunk=chunk)
+  per = HALF_K if compensation == "variance" else BLOCK_K
+  return dict(num_comp=0 if compensation == "none" else common.cdiv(num_k_clusters, per),
+              comp_base=comp_base, chunk=chunk, variance=compensation == "variance")
 
 
 def _finish(out_slots, lay, q, q_index):
@@ -457,7 +509,8 @@ def _finish(out_slots, lay, q, q_index):
   return jnp.where(ok[..., None], out, 0).astype(q.dtype)
 
 
-def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale, chunk):
+def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale, chunk,
+                   variance=False):
   """What the kernel computes, tile by tile, in float32 jnp (the CPU check of the tables).
 
   Returns the slot-space output [G, T * 128, D]. Follows the kernel's data path: padded
@@ -483,10 +536,20 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
     vals = f32(v_pad[gi, krow])
     if num_comp:
       crow = comp_base + jnp.arange(num_comp * BLOCK_K)
-      sc = (jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, crow]), precision=hi) * scale
-            + bias[gi, c][None, :])
+      kc, vc, b = f32(k_pad[gi, crow]), f32(v_pad[gi, crow]), bias[gi, c]
+      if variance:  # steps of [64 centroids ; their 64 pseudo-keys]
+        split = lambda x: x.reshape(num_comp, 2, HALF_K, *x.shape[1:])
+        (kc, w), (vc, _), (b, rr) = (
+            (split(x)[:, 0].reshape(-1, *x.shape[1:]), split(x)[:, 1].reshape(-1, *x.shape[1:]))
+            for x in (kc, vc, b))
+      sc = jnp.einsum("qd,kd->qk", qt, kc, precision=hi) * scale + b[None, :]
+      if variance:
+        q_sq = f32((qt * qt).astype(q_sorted.dtype))
+        second = jnp.einsum("qd,kd->qk", q_sq, w, precision=hi) * scale
+        bound = jnp.sqrt(jnp.sum(qt * qt, 1))[:, None] * rr[None, :]
+        sc = sc + jnp.minimum(second, bound)
       s = jnp.concatenate([s, sc], 1)
-      vals = jnp.concatenate([vals, f32(v_pad[gi, crow])], 0)
+      vals = jnp.concatenate([vals, vc], 0)
     m = jnp.max(s, axis=1, keepdims=True)
     p = jnp.exp2(s - jnp.where(m == -jnp.inf, 0., m))
     l = p.sum(axis=1, keepdims=True)
@@ -502,7 +565,8 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
     "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
-                          compensation: bool, sm_scale: float, q_index=None, kv_index=None,
+                          compensation, sm_scale: float, q_index=None, kv_index=None,
+                          k_variance=None, k_radius=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
@@ -511,7 +575,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     q, k, v: [G, S, D] in cluster-sorted order, or tokens-first [B, S, H, D] (G = B * H)
       in token order read through q_index / kv_index; D a multiple of 64, bf16 or f16.
     q_sizes, k_sizes, block_map, k_centroids, v_centroids, compensation, sm_scale, q_index,
-      kv_index: as in `sparse_attention`.
+      kv_index, k_variance, k_radius: as in `sparse_attention`.
     max_concurrent_steps: key steps in flight (shared-memory ring depth, >= 2).
     chunk_rows: rows per TMA copy of keys/values (8, 16, 32 or 64); every query and key
       cluster is padded to a multiple of it.
@@ -542,7 +606,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
   tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
       compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
-      half_tiles=half_tiles, chunk_impl="jnp" if emulate else "pallas")
+      half_tiles=half_tiles, chunk_impl="jnp" if emulate else "pallas", k_variance=k_variance,
+      k_radius=k_radius, sm_scale=sm_scale)
   scale = sm_scale * _LOG2E
   if emulate:
     out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)

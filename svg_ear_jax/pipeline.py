@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from svg_ear_jax import error_probe, kmeans, permutation, reference, routing, sparse_attention
+from svg_ear_jax import compensation as comp
 from svg_ear_jax.config import SvgEarConfig
 
 
@@ -26,11 +27,17 @@ class Clusters:
     q: KMeansResult of the queries (Kq clusters).
     k: KMeansResult of the keys (Kk clusters).
     v_centroids: [G, Kk, D] float32 mean value of each key cluster (0 when empty).
+    k_spread: the key clusters' `KeySpread` (variance, radius) with "variance"
+      compensation, else None.
+    q_sq_means: [G, Kq, D] float32 mean of q*q of each query cluster with "variance"
+      compensation (the EAR probe's second moment), else None.
   """
 
   q: kmeans.KMeansResult
   k: kmeans.KMeansResult
   v_centroids: jax.Array
+  k_spread: Optional[comp.KeySpread] = None
+  q_sq_means: Optional[jax.Array] = None
 
 
 def _pallas():
@@ -73,8 +80,8 @@ def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
   """The Pallas attention kernel `attend` runs for q [B, S, H, D], with its settings bound.
 
   Called as kernel(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
-  q_index=..., kv_index=...); both kernels read through the permutations and return q's
-  layout in token order.
+  q_index=..., kv_index=... [, k_variance=..., k_radius=...]); both kernels read through
+  the permutations and return q's layout in token order.
   """
   kw = dict(compensation=cfg.compensation, sm_scale=q.shape[-1] ** -0.5)
   if _use_mosaic(cfg, q):
@@ -114,29 +121,67 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   q_res = kmeans.kmeans(q, q_init, **km)
   k_res = kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
   # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
-  v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,
-                                        counts=k_res.sizes)
-  return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
+  if cfg.compensation != "variance":
+    v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,
+                                          counts=k_res.sizes)
+    return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
+  # "variance": the keys' spread with the value means, and the query clusters' mean of
+  # q*q for the probe (benchmarks/results/quality_*_720p.md: it ranks 1-7% better than
+  # the query centroid's)
+  if impl == "pallas":
+    # walks the cluster-sorted order (the layouts `route` and `attend` use too): no
+    # atomics, where XLA's scatter-adds contend on a few hundred clusters
+    k_lay = permutation.cluster_layout(k_res.labels, k_res.sizes)
+    q_lay = permutation.cluster_layout(q_res.labels, q_res.sizes)
+    variance, radius, v_centroids = _pallas().cluster_moments(
+        k, k_lay.sizes, k_lay.perm, centroids=k_res.centroids, values=v,
+        interpret=_interpret())
+    spread = comp.KeySpread(variance=variance, radius=radius)
+    q_sq_means, _, _ = _pallas().cluster_moments(q, q_lay.sizes, q_lay.perm,
+                                                 interpret=_interpret())
+  else:
+    spread, v_centroids = comp.key_spread(k, k_res.labels, k_res.centroids, k_res.sizes,
+                                          values=v)
+    qf = q.astype(jnp.float32)
+    q_sq_means, _ = kmeans.cluster_means(qf * qf, q_res.labels, cfg.num_q_clusters,
+                                         counts=q_res.sizes)
+  return Clusters(q=q_res, k=k_res, v_centroids=v_centroids, k_spread=spread,
+                  q_sq_means=q_sq_means)
 
 
 def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: SvgEarConfig,
           impl: str) -> jax.Array:
-  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`; q, k, v [G, S, D]."""
+  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`; q, k, v [G, S, D].
+
+  With "variance" compensation the EAR probe's pseudo-token logit carries the correction
+  evaluated with the query cluster's mean of q*q (`clusters.q_sq_means`; with None there,
+  with the centroid's qbar*qbar).
+  """
   scale = q.shape[-1] ** -0.5
   logits = routing.centroid_logits(clusters.q.centroids, clusters.k.centroids, scale)
   log_err = None
   if cfg.routing == "ear":
+    # the error of the pseudo-token in use: with "variance" its logit at the query
+    # centroid carries the correction too (ALGORITHM.md 9)
+    pseudo = logits
+    if cfg.compensation == "variance":
+      if clusters.k_spread is None:
+        raise ValueError("compensation='variance' needs clusters with k_spread (cluster() "
+                         "with the same config computes it)")
+      pseudo = logits + comp.logit_correction(clusters.q.centroids, clusters.k_spread, scale,
+                                              q_sq=clusters.q_sq_means)
     if impl == "pallas":
       # keys are read through the key clustering's permutation: no sorted copies of k, v
       lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
       log_err = _pallas().ear_error_probe(
           clusters.q.centroids, k, v, clusters.k.centroids, clusters.v_centroids,
-          clusters.k.sizes, sm_scale=scale, kv_index=lay.perm, interpret=_interpret(),
+          clusters.k.sizes, sm_scale=scale, kv_index=lay.perm, pseudo_logits=pseudo,
+          interpret=_interpret(),
           **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
       log_err = error_probe.error_probe_xla(
           clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,
-          clusters.v_centroids, logits, scale=scale, chunk_mb=cfg.xla_chunk_mb)
+          clusters.v_centroids, pseudo, scale=scale, chunk_mb=cfg.xla_chunk_mb)
   return routing.route(cfg, logits, clusters.q.sizes, clusters.k.sizes, log_err)
 
 
@@ -154,12 +199,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
   """
   b, s, h, d = q.shape
   scale = d ** -0.5
+  spread = clusters.k_spread
   if impl == "pallas":
     q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
     k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+    extra = {} if spread is None else dict(k_variance=spread.variance, k_radius=spread.radius)
     out = attention_kernel(cfg, q)(
         q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
-        clusters.v_centroids, q_index=q_lay.perm, kv_index=k_lay.perm)
+        clusters.v_centroids, q_index=q_lay.perm, kv_index=k_lay.perm, **extra)
     return out.astype(q.dtype)
   heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
   args = (heads_first(q), heads_first(k), heads_first(v), clusters.q.labels,
@@ -167,10 +214,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
           clusters.k.sizes)
   if impl == "reference":
     out = reference.sparse_attention_reference(*args, scale=scale,
-                                               compensation=cfg.compensation)
+                                               compensation=cfg.compensation, k_spread=spread)
   else:
     out = sparse_attention.sparse_attention_xla(*args, scale=scale,
-                                                compensation=cfg.compensation,
+                                                compensation=cfg.compensation, k_spread=spread,
                                                 chunk_mb=cfg.xla_chunk_mb)
   return out.reshape(b, h, s, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
@@ -204,10 +251,14 @@ def append_dense_tokens(clusters: Clusters, block_map: jax.Array, num_dense: int
   k_labels = jnp.concatenate([video_k, dense_k], axis=1)
   k_sizes = jnp.concatenate(
       [k.sizes, jnp.sum(dense_key_mask, axis=1, keepdims=True, dtype=jnp.int32)], axis=1)
-  pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+  spread = clusters.k_spread
+  if spread is not None:  # the dense key cluster is exact for everyone: never a pseudo-token
+    spread = comp.KeySpread(variance=pad_row(spread.variance), radius=pad_row(spread.radius))
+  q_sq = None if clusters.q_sq_means is None else pad_row(clusters.q_sq_means)
   ext = Clusters(
       q=dataclasses.replace(q, labels=q_labels, sizes=q_sizes, centroids=pad_row(q.centroids)),
       k=dataclasses.replace(k, labels=k_labels, sizes=k_sizes, centroids=pad_row(k.centroids)),
-      v_centroids=pad_row(clusters.v_centroids))
+      v_centroids=pad_row(clusters.v_centroids), k_spread=spread, q_sq_means=q_sq)
   ext_map = jnp.pad(block_map, ((0, 0), (0, 1), (0, 1)), constant_values=True)
   return ext, ext_map

@@ -6,11 +6,14 @@ time: memory-bounded, but its FLOPs are those of dense attention. The Pallas ker
 fast path on GPU; this is the portable one and the large-S check of the kernel.
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from svg_ear_jax import chunking
+from svg_ear_jax import compensation as comp
 
 
 def _precision(dtype):
@@ -20,7 +23,8 @@ def _precision(dtype):
 def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax.Array,
                          k_labels: jax.Array, block_map: jax.Array, k_centroids: jax.Array,
                          v_centroids: jax.Array, k_sizes: jax.Array, *, scale: float,
-                         compensation: bool, chunk_mb: int = 512) -> jax.Array:
+                         compensation, k_spread: Optional[comp.KeySpread] = None,
+                         chunk_mb: int = 512) -> jax.Array:
   """Block-sparse attention with centroid pseudo-tokens for the skipped key clusters.
 
   Args:
@@ -31,13 +35,16 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
     k_centroids, v_centroids: [G, Kk, D] float32 key centroid and mean value per cluster.
     k_sizes: [G, Kk] int32 keys per cluster.
     scale: softmax scale.
-    compensation: add one pseudo-token (logit q.kbar*scale + log n, value vbar) for every
-      skipped non-empty key cluster.
+    compensation: "mean" (or True): one pseudo-token (logit q.kbar*scale + log n, value
+      vbar) for every skipped non-empty key cluster; "variance": the same with the
+      second-moment logit correction (needs `k_spread`); "none" (or False): no pseudo-tokens.
+    k_spread: the key clusters' spread, for "variance".
     chunk_mb: bound on the f32 temporaries of one query chunk, all heads together.
 
   Returns:
     [G, S, D] in q.dtype; a row that attends to nothing is 0.
   """
+  mode = comp.mode(compensation, k_spread)
   g, s, d = q.shape
   kk = k_sizes.shape[-1]
   precision = _precision(q.dtype)
@@ -56,9 +63,11 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
                         preferred_element_type=jnp.float32) * scale
     logits = jnp.where(key_on, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1)
-    if compensation:
+    if mode != "none":
       pseudo = jnp.einsum("gqd,gkd->gqk", qc, kc, precision=precision,
                           preferred_element_type=jnp.float32) * scale + log_n[:, None, :]
+      if mode == "variance":
+        pseudo = pseudo + comp.logit_correction(qc, k_spread, scale)
       pseudo = jnp.where(~row_map & (k_sizes > 0)[:, None, :], pseudo, -jnp.inf)
       m = jnp.maximum(m, jnp.max(pseudo, axis=-1))
     m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
@@ -66,7 +75,7 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
     denom = jnp.sum(p, axis=-1)
     num = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v, precision=precision,
                      preferred_element_type=jnp.float32)
-    if compensation:
+    if mode != "none":
       pc = jnp.exp(pseudo - m)
       denom = denom + jnp.sum(pc, axis=-1)
       num = num + jnp.einsum("gqk,gkd->gqd", pc.astype(v.dtype), vc, precision=precision,
@@ -74,5 +83,6 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_labels: jax
     out = num / jnp.where(denom == 0, 1.0, denom)[..., None]
     return out.astype(q.dtype)
 
-  rows = chunking.rows_per_chunk(s, 4 * 4 * g * (s + kk), chunk_mb)
+  rows = chunking.rows_per_chunk(s, 4 * 4 * g * (s + (2 if mode == "variance" else 1) * kk),
+                                 chunk_mb)
   return chunking.map_row_chunks(one_chunk, (q, q_labels), rows)

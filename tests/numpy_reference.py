@@ -47,12 +47,15 @@ def topp_map(qc, kc, k_sizes, scale, top_p, floor):
   return out
 
 
-def block_error(qc, k, v, k_labels, kc, vc, scale):
-  """E_ij = sum_{t in C_j} ||e^{a_t} v_t - e^{c_ij} vbar_j||^2, directly (no expansion)."""
+def block_error(qc, k, v, k_labels, kc, vc, scale, logit_offset=None):
+  """E_ij = sum_{t in C_j} ||e^{a_t} v_t - e^{c_ij} vbar_j||^2, directly (no expansion);
+  logit_offset [Kq, Kk] is added to c_ij (the pseudo-token's logit correction)."""
   err = np.zeros((len(qc), len(kc)))
   for i in range(len(qc)):
     for j in range(len(kc)):
       c_ij = qc[i] @ kc[j] * scale
+      if logit_offset is not None:
+        c_ij += logit_offset[i, j]
       for t in np.nonzero(k_labels == j)[0]:
         a_t = qc[i] @ k[t] * scale
         err[i, j] += ((np.exp(a_t) * v[t] - np.exp(c_ij) * vc[j]) ** 2).sum()
@@ -93,8 +96,10 @@ def ear_map(qc, kc, q_sizes, k_sizes, err, scale, top_p, min_kc_ratio, gamma, de
 
 
 def compensated_attention(q, k, v, q_labels, k_labels, block_map, kc, vc, k_sizes, scale,
-                          compensation=True):
-  """2(d) for one head, token by token: one softmax over exact keys and pseudo-tokens."""
+                          compensation=True, k_variance=None, k_radius=None):
+  """2(d) for one head, token by token: one softmax over exact keys and pseudo-tokens;
+  with k_variance [Kk, D] and k_radius [Kk], the pseudo-token logits get section 9's
+  min(0.5 scale^2 sum_d q_d^2 var_jd, scale ||q|| r_j)."""
   out = np.zeros((len(q), v.shape[1]))
   for s in range(len(q)):
     logits, values = [], []
@@ -106,7 +111,12 @@ def compensated_attention(q, k, v, q_labels, k_labels, block_map, kc, vc, k_size
     if compensation:
       for j in range(len(kc)):
         if not row[j] and k_sizes[j] > 0:
-          logits.append(q[s] @ kc[j] * scale + np.log(k_sizes[j]))
+          corr = 0.0
+          if k_variance is not None:
+            second = 0.5 * scale ** 2 * sum(q[s, d] ** 2 * k_variance[j, d]
+                                            for d in range(len(q[s])))
+            corr = min(second, scale * np.sqrt((q[s] ** 2).sum()) * k_radius[j])
+          logits.append(q[s] @ kc[j] * scale + np.log(k_sizes[j]) + corr)
           values.append(vc[j])
     if logits:
       logits = np.array(logits)

@@ -32,7 +32,23 @@ def test_quality_sweep_writes_results_and_ear_wins(tmp_path):
   data = json.loads((tmp_path / "quality_demo.json").read_text())
   assert len(data["rows"]) == 2 * len(quality.METHODS)
   assert quality.check_ear_wins(data["rows"]) == []
-  assert "lowest error" in data["meta"]["verdict"]
+  assert "SVG-EAR has a lower error" in data["meta"]["verdict"]
+  # the second-moment rows are there and beat the paper's compensation
+  ratios = data["meta"]["variance_over_mean"]
+  assert set(ratios) == {"structured 0.20", "structured top-p 0.9"}
+  assert max(ratios.values()) < 1.0 and "lower at every budget" in data["meta"]["verdict"]
+
+
+def test_quality_demo_leaves_the_committed_results_alone(tmp_path, monkeypatch):
+  # README's main job writes under out/ by default, never over benchmarks/results/
+  monkeypatch.chdir(tmp_path)
+  assert quality.main(["--preset", "demo", "--workloads", "random", "--densities", "0.2",
+                       "--no-plot", "--probe-study"]) == 0
+  assert (tmp_path / "out" / "quality" / "quality_demo.md").exists()
+  assert not (tmp_path / "benchmarks").exists()
+  rows = json.loads((tmp_path / "out" / "quality" / "quality_demo.json").read_text())["rows"]
+  assert {r["method"] for r in rows} == set(quality.METHODS) | {quality.PROBE_STUDY}
+  assert quality.matching_density(rows, "random") is None  # one density: nothing to match
 
 
 def test_model_benchmark_tiny(tmp_path):

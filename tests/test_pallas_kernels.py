@@ -62,10 +62,15 @@ def _problem(seed, *, g=2, s=333, d=24, kq=5, kk=24, dtype=jnp.float32, cover=0.
   block_map[:, 1] = False  # a row with no exact cluster
   f = lambda x: jnp.asarray(x, jnp.float32)
   q, k, v = (f(rng.normal(size=(g, s, d))).astype(dtype) for _ in range(3))
+  # spreads for "variance" compensation: radii from 0 to ~1.4x the rms spread, so the clamp
+  # is active for some (query, cluster) pairs and not for others
+  k_variance = rng.uniform(0.0, 2.0, size=(g, kk, d))
+  k_radius = np.sqrt(k_variance.sum(-1)) * rng.uniform(0.0, 1.4, size=(g, kk))
   return dict(q=q, k=k, v=v, q_sizes=jnp.asarray(q_sizes, jnp.int32),
               k_sizes=jnp.asarray(k_sizes, jnp.int32), block_map=jnp.asarray(block_map),
               k_centroids=f(rng.normal(size=(g, kk, d))),
-              v_centroids=f(rng.normal(size=(g, kk, d))))
+              v_centroids=f(rng.normal(size=(g, kk, d))),
+              k_variance=f(k_variance), k_radius=f(k_radius))
 
 
 _ARGS = ("q", "k", "v", "q_sizes", "k_sizes", "block_map", "k_centroids", "v_centroids")
@@ -73,6 +78,13 @@ _ARGS = ("q", "k", "v", "q_sizes", "k_sizes", "block_map", "k_centroids", "v_cen
 
 def _args(p):
   return [p[n] for n in _ARGS]
+
+
+def _spread(p, compensation):
+  """The key-spread keyword arguments of the kernels for `compensation`."""
+  if compensation != "variance":
+    return {}
+  return dict(k_variance=p["k_variance"], k_radius=p["k_radius"])
 
 
 def _assert_close(out, ref, dtype):
@@ -90,11 +102,12 @@ class TestSparseAttention(CompiledOrInterpret):
     blocks.update(kw)
     return sa.sparse_attention(*_args(p), compensation=compensation,
                                sm_scale=p["q"].shape[-1] ** -0.5, interpret=self.INTERPRET,
-                               **blocks)
+                               **_spread(p, compensation), **blocks)
 
   def _ref(self, p, compensation):
     return sa.sparse_attention_reference(*_args(p), compensation=compensation,
-                                         sm_scale=p["q"].shape[-1] ** -0.5)
+                                         sm_scale=p["q"].shape[-1] ** -0.5,
+                                         **_spread(p, compensation))
 
   @pytest.mark.parametrize("dtype,compensation,layout,kw", [
       (jnp.float32, True, "packed", {}),
@@ -103,6 +116,8 @@ class TestSparseAttention(CompiledOrInterpret):
       (jnp.bfloat16, True, "packed", dict(block_k=32)),
       (jnp.bfloat16, False, "flat", {}),
       (jnp.float32, True, "packed", dict(block_q=32, tail_block_q=16)),
+      (jnp.float32, "variance", "packed", dict(block_q=32, tail_block_q=16)),
+      (jnp.bfloat16, "variance", "flat", dict(block_c=32)),
   ])
   def test_matches_reference(self, dtype, compensation, layout, kw):
     p = _problem(1, dtype=dtype, s=333 if dtype == jnp.float32 else 300,
@@ -112,6 +127,17 @@ class TestSparseAttention(CompiledOrInterpret):
     _assert_close(out, self._ref(p, compensation), dtype)
     for h, covered in enumerate(np.asarray(p["q_sizes"]).sum(-1)):
       assert np.all(np.asarray(out[h, covered:]) == 0)  # positions of no query cluster
+
+  def test_variance_correction_moves_the_output(self):
+    # the correction really enters the kernel's softmax: "variance" differs from "mean" by
+    # much more than the kernel's own error, and a zero spread gives "mean" exactly
+    p = _problem(4, s=300, d=32, kq=5, kk=24, density=0.3)
+    mean, var = self._run(p, "mean"), self._run(p, "variance")
+    assert np.abs(np.asarray(var) - np.asarray(mean)).max() > 0.05
+    zero = dict(p, k_variance=jnp.zeros_like(p["k_variance"]))
+    np.testing.assert_array_equal(np.asarray(self._run(zero, "variance")), np.asarray(mean))
+    with pytest.raises(ValueError, match="k_variance"):
+      sa.sparse_attention(*_args(p), compensation="variance", sm_scale=0.1)
 
   def test_wide_tiles(self):
     # many tiny key clusters: some tiles span more than W_FAST clusters (second loop)
@@ -340,6 +366,9 @@ class TestTritonLowering:
       idx = jnp.zeros(p["q"].shape[:2], jnp.int32)
       kw.update(q_index=idx, kv_index=idx)
     fn = functools.partial(sa.sparse_attention, compensation=True, sm_scale=0.1, **kw)
+    assert _lower_for_cuda(fn, *_args(p)) == kernels
+    fn = functools.partial(sa.sparse_attention, compensation="variance", sm_scale=0.1,
+                           **_spread(p, "variance"), **kw)
     assert _lower_for_cuda(fn, *_args(p)) == kernels
 
   @pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 24)])

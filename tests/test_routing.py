@@ -1,10 +1,10 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import numpy_reference as npr
-from svg_ear_jax import SvgEarConfig, error_probe, kmeans, routing
+from svg_ear_jax import SvgEarConfig, error_probe, routing
+from svg_ear_jax import compensation as comp
 
 
 def _problem(seed, g=2, s=240, d=16, kq=6, kk=12, spread=0.6):
@@ -98,11 +98,24 @@ def test_ear_matches_numpy(top_p, ratio, density, gamma):
     np.testing.assert_array_equal(got[h], want)
 
 
-def test_ear_spends_the_topp_area_on_high_error_blocks():
+@pytest.mark.parametrize("variance", [False, True])
+def test_ear_spends_the_topp_area_on_high_error_blocks(variance):
+  # with "variance" the probe scores the corrected pseudo-tokens; the budget is the same
   p = _problem(7, kq=8, kk=40, s=400)
   cfg = SvgEarConfig(routing="ear", num_q_clusters=8, num_k_clusters=40, min_kc_ratio=0.05)
   q_sizes, k_sizes = jnp.asarray(p["q_sizes"]), jnp.asarray(p["k_sizes"])
-  ear = routing.ear_route(_jax_logits(p), _jax_log_err(p), q_sizes, k_sizes, cfg)
+  log_err = _jax_log_err(p)
+  if variance:
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    spread = comp.key_spread(f(p["k"]), jnp.asarray(p["k_labels"], jnp.int32), f(p["kc"]),
+                             k_sizes.astype(jnp.int32))
+    corrected = _jax_logits(p) + comp.logit_correction(f(p["qc"]), spread, p["scale"])
+    new_err = error_probe.error_probe_xla(
+        f(p["qc"]), f(p["k"]), f(p["v"]), jnp.asarray(p["k_labels"], jnp.int32),
+        k_sizes.astype(jnp.int32), f(p["vc"]), corrected, scale=p["scale"])
+    assert float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(log_err), new_err - log_err, 0)))) > 1e-3
+    log_err = new_err
+  ear = routing.ear_route(_jax_logits(p), log_err, q_sizes, k_sizes, cfg)
   topp = routing.topp_route(_jax_logits(p), q_sizes, k_sizes, cfg.replace(routing="topp"))
   area = np.asarray(routing.block_area(q_sizes, k_sizes))
   ear_area = (np.asarray(ear) * area).sum(-1)

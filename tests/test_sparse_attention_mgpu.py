@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from svg_ear_jax import SvgEarConfig, svg_ear_attention
-from test_pallas_kernels import _args, _assert_close, _problem, abstract_h100, sa  # noqa: F401
+from test_pallas_kernels import (_args, _assert_close, _problem, _spread,  # noqa: F401
+                                 abstract_h100, sa)
 
 # the package exports the function `sparse_attention_mgpu`, which shadows the module
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
@@ -27,19 +28,21 @@ _ON_HOPPER = sm.on_hopper()
 
 
 def _ref(p, compensation, scale):
-  return sa.sparse_attention_reference(*_args(p), compensation=compensation, sm_scale=scale)
+  return sa.sparse_attention_reference(*_args(p), compensation=compensation, sm_scale=scale,
+                                       **_spread(p, compensation))
 
 
-@pytest.mark.parametrize("compensation,tiny,seed,chunk", [(True, False, 1, 16),
-                                                          (False, False, 2, 16),
-                                                          (True, True, 3, 16), (True, True, 4, 8),
-                                                          (True, False, 5, 64)])
-def test_emulated_kernel_matches_reference(compensation, tiny, seed, chunk):
+@pytest.mark.parametrize("compensation,tiny,seed,chunk,kk", [
+    (True, False, 1, 16, 24), (False, False, 2, 16, 24), (True, True, 3, 16, 24),
+    (True, True, 4, 8, 24), (True, False, 5, 64, 24), ("variance", False, 6, 16, 24),
+    ("variance", True, 7, 8, 150)])
+def test_emulated_kernel_matches_reference(compensation, tiny, seed, chunk, kk):
   # clusters of 0, 1, 2 and 40 keys, an empty row, a row with one exact cluster,
-  # positions of no query cluster (cover 0.97)
-  p = _problem(seed, s=333, d=64, kq=5, kk=24, tiny=tiny)
+  # positions of no query cluster (cover 0.97); kk=150: "variance" compensation steps of
+  # 64 centroids, the last one partly padding
+  p = _problem(seed, s=333, d=64, kq=5, kk=kk, tiny=tiny)
   out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=0.125,
-                                 chunk_rows=chunk, emulate=True)
+                                 chunk_rows=chunk, emulate=True, **_spread(p, compensation))
   _assert_close(out, _ref(p, compensation, 0.125), jnp.float32)
 
 
@@ -179,13 +182,13 @@ def test_pipeline_mosaic_matches_triton_kernel():
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
 @pytest.mark.usefixtures("abstract_h100")
-@pytest.mark.parametrize("chunk", [16, 8])
-def test_lowers_to_mosaic_gpu_for_cuda(chunk):
+@pytest.mark.parametrize("chunk,compensation", [(16, True), (8, True), (16, "variance")])
+def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
-  fn = functools.partial(sm.sparse_attention_mgpu, compensation=True, sm_scale=0.1,
-                         chunk_rows=chunk)
+  fn = functools.partial(sm.sparse_attention_mgpu, compensation=compensation, sm_scale=0.1,
+                         chunk_rows=chunk, **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
@@ -200,14 +203,17 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk):
                           (True, True, 3, 3, 64, 16, True, 1000, 0.5),
                           (True, True, 4, 2, 128, 8, True, 1000, 0.5),
                           (True, False, 5, 2, 128, 16, False, 1000, 0.5),
-                          (True, False, 6, 2, 128, 16, True, 4096, 0.9)])
+                          (True, False, 6, 2, 128, 16, True, 4096, 0.9),
+                          ("variance", False, 7, 2, 128, 16, True, 1000, 0.5),
+                          ("variance", True, 8, 3, 64, 8, True, 1000, 0.3)])
 def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, s,
                                            density):
   # kq=9: clusters of ~110 rows at s=1000, so both full and half tiles (idle second
   # warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key ring wraps
   # many times within a tile
   p = _problem(seed, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16, density=density)
-  kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half)
+  kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
+            **_spread(p, compensation))
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
                               chunk=chunk, half_tiles=half)
   wgs = lay["tile_wgs"]

@@ -49,7 +49,9 @@ def test_per_token_timesteps_equal_to_broadcast_scalar():
   x, _, ctx = wan_inputs("ti2v")
   scalar = _jit_forward(model, x, np.array([700.0], np.float32), ctx)
   per_token = _jit_forward(model, x, np.full((1, 192), 700.0, np.float32), ctx)
-  np.testing.assert_allclose(per_token, scalar, rtol=1e-6, atol=1e-6)
+  # two different float32 programs (per-token modulation vs one broadcast row): rounding
+  # differs by ~2e-5 relative on some CPUs; a broadcasting mistake would be O(1)
+  np.testing.assert_allclose(per_token, scalar, rtol=1e-4, atol=1e-4)
 
 
 def test_rejects_bad_inputs():

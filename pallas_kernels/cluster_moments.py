@@ -1,0 +1,208 @@
+"""Per-cluster moments of token-order rows, read through the cluster-sorted order.
+
+For clusters that are consecutive runs of a sorted order (sorted position p of head g is
+token index[g, p]; cluster j = positions [off_j, off_j + n_j), off = exclusive cumsum of
+the sizes):
+
+  second_j = mean_{t in C_j} x_t * x_t              (no centroids), or
+  second_j = mean_{t in C_j} (x_t - c_j)^2,  radius_j = max_{t in C_j} ||x_t - c_j||,
+  value_means_j = mean_{t in C_j} v_t               (when values are given).
+
+These are the key spread (variance and radius about the centroids, for the variance
+compensation), the query clusters' second moments and the value means. In XLA they are
+scatter-adds by label, which on GPU contend on the atomics of a few hundred clusters
+(~1 ms per [40, 75600, 128] pass into 300 clusters); here each program walks its clusters'
+rows of the sorted order once, gathering rows of x (and v) through `index`, and writes each
+cluster's results once, so no atomics are needed.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import common
+
+
+def _kernel(off_ref, size_ref, idx_ref, x_ref, *refs, block_rows, d, num_clusters,
+            clusters_per_program, centred, has_values):
+  refs = list(refs)
+  c_ref = refs.pop(0) if centred else None
+  v_ref = refs.pop(0) if has_values else None
+  sec_ref = refs.pop(0)
+  rad_ref = refs.pop(0) if centred else None
+  vm_ref = refs.pop(0) if has_values else None
+  # Triton tiles are powers of two: the extra columns are masked off in every load and
+  # store rather than padded in XLA, which would copy x (and v) once more
+  dp = common.next_pow2(max(d, 16))
+  cols = jnp.arange(dp)
+  col_ok = cols < d
+  r0 = jnp.arange(block_rows)
+
+  def cluster(j, carry):
+    start = off_ref[j]
+    n = size_ref[j]
+    if centred:
+      c = plgpu.load(c_ref.at[j, cols], mask=col_ok, other=0.)
+
+    def tile(t, acc):
+      rows = start + t * block_rows + r0
+      ok = rows < start + n
+      tok = plgpu.load(idx_ref.at[rows], mask=ok, other=0)
+      mask = ok[:, None] & col_ok[None, :]
+      x = plgpu.load(x_ref.at[tok[:, None], cols[None, :]], mask=mask, other=0.)
+      x = x.astype(jnp.float32)
+      if centred:
+        x = jnp.where(mask, x - c[None, :], 0.)
+      sq = x * x
+      acc = dict(acc, sq=acc["sq"] + sq)
+      if centred:
+        acc["max"] = jnp.maximum(acc["max"], jnp.sum(sq, axis=1))
+      if has_values:
+        v = plgpu.load(v_ref.at[tok[:, None], cols[None, :]], mask=mask, other=0.)
+        acc["v"] = acc["v"] + v.astype(jnp.float32)
+      return acc
+
+    # row-wise accumulators, reduced across rows once per cluster rather than per tile
+    tile_zero = jnp.zeros((block_rows, dp), jnp.float32)
+    acc = dict(sq=tile_zero)
+    if centred:
+      acc["max"] = jnp.zeros((block_rows,), jnp.float32)
+    if has_values:
+      acc["v"] = tile_zero
+    acc = lax.fori_loop(jnp.int32(0), lax.div(n + block_rows - 1, block_rows), tile, acc)
+    inv = 1.0 / jnp.maximum(n, 1).astype(jnp.float32)
+    plgpu.store(sec_ref.at[j, cols], jnp.sum(acc["sq"], axis=0) * inv, mask=col_ok)
+    if centred:
+      rad_ref[j] = jnp.sqrt(jnp.max(acc["max"]))
+    if has_values:
+      plgpu.store(vm_ref.at[j, cols], jnp.sum(acc["v"], axis=0) * inv, mask=col_ok)
+    return carry
+
+  j0 = pl.program_id(0) * clusters_per_program
+  j1 = jnp.minimum(j0 + clusters_per_program, num_clusters)
+  lax.fori_loop(j0, j1, cluster, jnp.int32(0))
+
+
+def _is_float(x):
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _check(x, sizes, index, centroids, values):
+  if x.ndim != 3 or not _is_float(x):
+    raise ValueError(f"x must be a [G, S, D] float array, got {x.shape} {x.dtype}")
+  g, s, d = x.shape
+  if index.shape != (g, s) or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"index must be [G, S] = {(g, s)} integers, got {index.shape} "
+                     f"{index.dtype}")
+  if sizes.ndim != 2 or sizes.shape[0] != g or not jnp.issubdtype(sizes.dtype, jnp.integer):
+    raise ValueError(f"sizes must be [G, K] integers with G = {g}, got {sizes.shape} "
+                     f"{sizes.dtype}")
+  k = sizes.shape[1]
+  if centroids is not None and (centroids.shape != (g, k, d) or not _is_float(centroids)):
+    raise ValueError(f"centroids must be [G, K, D] = {(g, k, d)} floats, got "
+                     f"{centroids.shape} {centroids.dtype}")
+  if values is not None and (values.shape != x.shape or not _is_float(values)):
+    raise ValueError(f"values must be [G, S, D] = {x.shape} floats like x, got "
+                     f"{values.shape} {values.dtype}")
+  return g, s, d, k
+
+
+@functools.partial(jax.jit, static_argnames=("block_rows", "cluster_splits", "num_warps",
+                                             "num_stages", "interpret"))
+def cluster_moments(x, sizes, index, *, centroids=None, values=None, block_rows: int = 32,
+                    cluster_splits: int = 128, num_warps: int = 4, num_stages: int = 2,
+                    interpret: bool = False):
+  """Per-cluster second moments (about 0 or the centroids), radii and value means.
+
+  Args:
+    x: [G, S, D] rows in token order (any float dtype; float32 accumulation).
+    sizes: [G, K] int32 cluster sizes: cluster j is sorted positions
+      [off_j, off_j + sizes_j), off = exclusive cumsum. sum(sizes) may be < S (the
+      positions past the last cluster are never read) but must not exceed S (not checked:
+      traced).
+    index: [G, S] int32 permutation: sorted position p is token index[g, p] of x / values.
+    centroids: optional [G, K, D] float32 points the second moments and radii are about.
+    values: optional [G, S, D] float rows in token order (same index) to average per
+      cluster in the same pass.
+    block_rows: rows per tile of the walk (power of two >= 16).
+    cluster_splits: programs per head; each walks a contiguous range of
+      cdiv(K, cluster_splits) clusters. At G = 40, S = 75,600 the default 128 gives
+      3 clusters (~750 rows) per program for K = 300 and 8 (~600 rows) for K = 1000, i.e.
+      4,000-5,000 programs (~30 per SM on 132 SMs, several waves): enough resident ones
+      to hide the latency of the index-dependent gathers, and short enough that uneven
+      cluster sizes even out across waves, yet long enough that a program is not mostly
+      prologue and per-cluster stores. Not measured: no GPU was at hand; one cluster per
+      program (cluster_splits >= K) gives the most programs, fewer splits longer ones.
+    num_warps, num_stages: Triton parameters.
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    (second [G, K, D] float32, radius [G, K] float32 or None (None without centroids),
+    value_means [G, K, D] float32 or None (None without values)); 0 for empty clusters.
+  """
+  g, s, d, k = _check(x, sizes, index, centroids, values)
+  common.check_block("block_rows", block_rows)
+  if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
+    raise ValueError(f"cluster_splits must be an int >= 1, got {cluster_splits!r}")
+  per_program = common.cdiv(k, cluster_splits)
+  sizes = sizes.astype(jnp.int32)
+  offsets = (jnp.cumsum(sizes, -1) - sizes).astype(jnp.int32)
+  inputs = [offsets, sizes, index.astype(jnp.int32), x]
+  if centroids is not None:
+    inputs.append(centroids.astype(jnp.float32))
+  if values is not None:
+    inputs.append(values)
+  out_shapes = [jax.ShapeDtypeStruct((g, k, d), jnp.float32)]
+  if centroids is not None:
+    out_shapes.append(jax.ShapeDtypeStruct((g, k), jnp.float32))
+  if values is not None:
+    out_shapes.append(jax.ShapeDtypeStruct((g, k, d), jnp.float32))
+  # each program sees its head's whole arrays: it reads the clusters' rows at data-dependent
+  # positions, so there is no rectangular block to hand it
+  spec = lambda shape: pl.BlockSpec((None,) + shape[1:],
+                                    lambda j, h, _n=len(shape): (h,) + (0,) * (_n - 1))
+  kernel = functools.partial(_kernel, block_rows=block_rows, d=d, num_clusters=k,
+                             clusters_per_program=per_program,
+                             centred=centroids is not None, has_values=values is not None)
+  # cluster ranges vary fastest: the programs in flight share one head's rows in L2
+  outs = pl.pallas_call(
+      kernel, grid=(common.cdiv(k, per_program), g),
+      in_specs=[spec(a.shape) for a in inputs],
+      out_specs=[spec(o.shape) for o in out_shapes],
+      out_shape=out_shapes, interpret=interpret, name="svg_ear_cluster_moments",
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+  )(*inputs)
+  outs = list(outs)
+  second = outs.pop(0)
+  radius = outs.pop(0) if centroids is not None else None
+  value_means = outs.pop(0) if values is not None else None
+  return second, radius, value_means
+
+
+def cluster_moments_reference(x, sizes, index, *, centroids=None, values=None):
+  """The same (second, radius, value_means) by float32 segment sums over sorted labels."""
+  g, s, d, k = _check(x, sizes, index, centroids, values)
+  sizes = sizes.astype(jnp.int32)
+  labels = common.searchsorted_rows(jnp.cumsum(sizes, -1), jnp.arange(s))  # K: no cluster
+  index = index.astype(jnp.int32)
+  sort = lambda a: jnp.take_along_axis(a.astype(jnp.float32), index[..., None], axis=1)
+  xs = sort(x)
+  if centroids is not None:
+    xs = xs - jnp.take_along_axis(centroids.astype(jnp.float32), labels[..., None], axis=1,
+                                  mode="clip")
+  sq = xs * xs
+  seg_sum = jax.vmap(lambda a, lab: jax.ops.segment_sum(a, lab, num_segments=k))
+  inv = 1.0 / jnp.maximum(sizes, 1).astype(jnp.float32)[..., None]
+  second = seg_sum(sq, labels) * inv
+  radius = value_means = None
+  if centroids is not None:
+    max_sq = jax.vmap(lambda a, lab: jax.ops.segment_max(a, lab, num_segments=k))(
+        jnp.sum(sq, -1), labels)
+    radius = jnp.where(sizes > 0, jnp.sqrt(jnp.maximum(max_sq, 0.0)), 0.0)
+  if values is not None:
+    value_means = seg_sum(sort(values), labels) * inv
+  return second, radius, value_means
