@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -493,3 +493,52 @@ def stored_config(marker: Dict[str, Any], config_cls: type, folder: Path, varian
   if dtype is not None:
     return cfg.with_dtype(parse_dtype(dtype))
   return cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+
+
+def component_folder(location: Path, name: str) -> Path:
+  """`location` itself, or its `name/` subfolder (e.g. "vae") when given a pipeline folder
+  (one with neither a config.json nor safetensors of its own)."""
+  if (location.is_dir() and not (location / "config.json").is_file()
+      and not any(location.glob("*.safetensors")) and (location / name).is_dir()):
+    return location / name
+  return location
+
+
+def read_component_config(location: os.PathLike, name: str, parse: Callable[[Dict], Any]):
+  """`parse` of the config.json of component `name` (e.g. "vae"): `location` is its folder,
+  a pipeline folder holding `name/`, or a safetensors file in the component folder.
+
+  Raises:
+    CheckpointError: no config.json, or `parse` rejects it (TypeError / ValueError).
+  """
+  location = Path(location)
+  folder = location.parent if location.is_file() else component_folder(location, name)
+  raw = read_json(folder / "config.json")
+  if raw is None:
+    raise CheckpointError(f"{folder}: no config.json (pass config= to give the "
+                          "architecture)")
+  try:
+    return parse(raw)
+  except (TypeError, ValueError) as err:
+    raise CheckpointError(f"{folder / 'config.json'}: {err}") from err
+
+
+def stream_params(model: nnx.Module, ckpt: "SafetensorsCheckpoint", rules: Dict[str, Rule],
+                  keys, *, device: Optional[jax.Device] = None, progress: bool = False,
+                  reshape: bool = False) -> None:
+  """Reads `keys` of an open checkpoint one tensor at a time into `model`'s (abstract)
+  parameters through their `rules` (after `check_keys`); `reshape` to the parameter's shape
+  where the rule's layout change leaves a different one."""
+  from tqdm import tqdm
+
+  specs = param_shapes(model)
+  variables = param_variables(model)
+  device = device or jax.devices()[0]
+  for key in tqdm(keys, desc=f"loading {ckpt.location.name}", unit="tensor",
+                  disable=not progress):
+    rule = rules[key]
+    spec = specs[rule.target]
+    value = to_flax(rule.kind, ckpt.read(key))
+    if reshape:
+      value = value.reshape(spec.shape)
+    variables[rule.target].set_value(jax.device_put(value.astype(spec.dtype), device))

@@ -1,0 +1,299 @@
+"""Machinery shared by the denoising loops (Wan now, HunyuanVideo later).
+
+- `SvgEarSchedule`: which denoising steps run dense attention (the reference's
+  `first_times_fp` warm-up) and what happens to the k-means state at a Wan expert switch.
+- Classifier-free guidance as one DiT batch of 2: `cfg_concat` / `cfg_split` / `cfg_combine`.
+- `StepRecord` / `StepLog`: per-step timing, dense-or-sparse flag and attention density,
+  with an optional tqdm progress bar and a per-step user callback.
+- `check_*` helpers: input validation with clear errors, before any device work.
+"""
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXPERT_SWITCHES = ("cold", "carry")
+
+
+# ------------------------------------------------------------------------------------------
+# SVG-EAR step schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class SvgEarSchedule:
+  """Which steps of a video run dense attention; the DiT's `AttentionPolicy` says which
+  layers are dense and with which `SvgEarConfig` the other layers run.
+
+  Attributes:
+    dense_steps: a float in [0, 1] -> the first int(dense_steps * steps) steps are dense
+      (the reference's `first_times_fp`: `num_fp_timesteps = int(first_times_fp * steps)`);
+      an int >= 0 -> that many leading steps are dense (capped at the step count). 1.0
+      makes every step dense; note 1 (int) is one step.
+    expert_switch: what the low-noise Wan expert's k-means state starts from when it takes
+      over: "cold" (empty: its first sparse step runs the cold `kmeans_iters`) or "carry"
+      (a copy of the high-noise expert's last centroids when the shapes match, else cold).
+      Default "cold": the two experts' q/k distributions differ and no measurement here
+      showed carrying to help. The reference shares one processor per layer index between
+      both experts, so it effectively carries; choose "carry" to reproduce it.
+    kmeans_during_dense: the reference's `zero_step_kmeans_init` (k-means also runs on the
+      dense warm-up steps so the first sparse step starts warm). Not implemented: the
+      model's dense path skips k-means entirely (routing "dense" passes the state through),
+      so True raises NotImplementedError when a pipeline runs the schedule.
+  """
+
+  dense_steps: Union[float, int] = 0.2
+  expert_switch: str = "cold"
+  kmeans_during_dense: bool = False
+
+  def __post_init__(self):
+    d = self.dense_steps
+    if isinstance(d, bool) or not isinstance(d, (int, float)):
+      raise TypeError(f"SvgEarSchedule.dense_steps must be a float fraction or an int count, "
+                      f"got {d!r}")
+    if isinstance(d, float) and not 0.0 <= d <= 1.0:
+      raise ValueError(f"SvgEarSchedule.dense_steps={d}: a fraction must be in [0, 1]")
+    if isinstance(d, int) and d < 0:
+      raise ValueError(f"SvgEarSchedule.dense_steps={d}: a step count must be >= 0")
+    if self.expert_switch not in EXPERT_SWITCHES:
+      raise ValueError(f"SvgEarSchedule.expert_switch={self.expert_switch!r}: must be one of "
+                       f"{EXPERT_SWITCHES}")
+    if not isinstance(self.kmeans_during_dense, bool):
+      raise TypeError(f"SvgEarSchedule.kmeans_during_dense must be a bool, got "
+                      f"{self.kmeans_during_dense!r}")
+
+  @classmethod
+  def dense(cls) -> "SvgEarSchedule":
+    """Every step dense."""
+    return cls(dense_steps=1.0)
+
+  @classmethod
+  def sparse(cls, **changes) -> "SvgEarSchedule":
+    """No dense warm-up steps: every step follows the DiT's attention policy."""
+    return cls(**{"dense_steps": 0, **changes})
+
+  def num_dense(self, num_steps: int) -> int:
+    """How many leading steps of a `num_steps` loop are dense."""
+    if isinstance(self.dense_steps, float):
+      return int(self.dense_steps * num_steps)
+    return min(self.dense_steps, num_steps)
+
+  def dense_flags(self, num_steps: int) -> Tuple[bool, ...]:
+    """(num_steps,) whether each step runs dense attention."""
+    n = self.num_dense(num_steps)
+    return tuple(i < n for i in range(num_steps))
+
+  def require_supported(self) -> None:
+    """Raises NotImplementedError for options the pipelines do not implement."""
+    if self.kmeans_during_dense:
+      raise NotImplementedError(
+          "SvgEarSchedule.kmeans_during_dense (the reference's zero_step_kmeans_init) is not "
+          "implemented: the DiT's dense attention path does not run k-means")
+
+
+# ------------------------------------------------------------------------------------------
+# Classifier-free guidance
+
+
+def cfg_enabled(guidance_scale: float) -> bool:
+  """diffusers' `do_classifier_free_guidance`: guidance_scale > 1."""
+  return guidance_scale > 1.0
+
+
+def cfg_concat(cond: jax.Array, uncond: jax.Array) -> jax.Array:
+  """[B, ...] cond and uncond -> [2B, ...] (cond first): one DiT batch for both branches."""
+  return jnp.concatenate([cond, uncond], axis=0)
+
+
+def cfg_split(out: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """[2B, ...] output of a `cfg_concat` batch -> ([B, ...] cond, [B, ...] uncond)."""
+  b = out.shape[0] // 2
+  return out[:b], out[b:]
+
+
+def cfg_combine(cond: jax.Array, uncond: jax.Array, guidance_scale) -> jax.Array:
+  """noise = uncond + g * (cond - uncond), each op rounded to the predictions' dtype as
+  torch does for a bf16 tensor and a Python-float g (g itself is not rounded to bf16)."""
+  dtype = cond.dtype
+  diff = (cond - uncond).astype(jnp.float32)
+  scaled = (jnp.asarray(guidance_scale, jnp.float32) * diff).astype(dtype)
+  return uncond + scaled
+
+
+# ------------------------------------------------------------------------------------------
+# Per-step records, progress bar, callback
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """What one denoising step did.
+
+  Attributes:
+    index: step number, 0-based.
+    timestep: the timestep the DiT received.
+    expert: which DiT ran ("transformer", "transformer_2", ...).
+    dense: whether the step ran dense attention everywhere.
+    guidance_scale: the CFG scale used (<= 1: no CFG).
+    seconds: wall time of the step (NaN when timings were not requested: no host sync).
+    density: mean exact-area fraction over the sparse layers, batch and heads (1.0 dense).
+  """
+
+  index: int
+  timestep: float
+  expert: str
+  dense: bool
+  guidance_scale: float
+  seconds: float
+  density: float
+
+
+Callback = Callable[[StepRecord, jax.Array], Optional[jax.Array]]
+
+
+def mean_density(density: Optional[jax.Array]) -> jax.Array:
+  """[L_sparse, B, H] `AttentionDensity` (or None: all dense) -> scalar float32 mean."""
+  if density is None:
+    return jnp.ones((), jnp.float32)
+  return jnp.mean(density.astype(jnp.float32))
+
+
+class StepLog:
+  """Collects `StepRecord`s of one loop; drives a tqdm bar and the user callback.
+
+  Timing blocks on the step's result only when `sync` (progress bar, timings or a callback
+  requested); otherwise no host sync happens per step and `seconds` / `density` are filled
+  in at `finish()` (seconds then NaN).
+  """
+
+  def __init__(self, num_steps: int, *, progress: bool = True, sync: bool = True,
+               callback: Optional[Callback] = None, desc: str = "denoising"):
+    self.num_steps = num_steps
+    self.sync = bool(sync or progress or callback is not None)
+    self.callback = callback
+    self._pending: List[Tuple[dict, Any]] = []
+    self._bar = None
+    if progress:
+      try:
+        from tqdm.auto import tqdm
+      except ImportError:  # the progress bar is optional
+        tqdm = None
+      if tqdm is not None:
+        self._bar = tqdm(total=num_steps, desc=desc, leave=True)
+    self._t0 = None
+
+  def start_step(self) -> None:
+    self._t0 = time.perf_counter()
+
+  def end_step(self, latents: jax.Array, density: jax.Array, **fields) -> jax.Array:
+    """Closes a step; returns the latents (possibly replaced by the callback)."""
+    if self.sync:
+      jax.block_until_ready(latents)
+      seconds = time.perf_counter() - self._t0
+      record = StepRecord(seconds=seconds, density=float(density), **fields)
+      self._pending.append((record, None))
+      if self._bar is not None:
+        self._bar.set_postfix_str(f"{seconds:.3f}s {'dense' if record.dense else 'sparse'} "
+                                  f"density={record.density:.3f}", refresh=False)
+        self._bar.update(1)
+      if self.callback is not None:
+        new = self.callback(record, latents)
+        if new is not None:
+          if tuple(new.shape) != tuple(latents.shape):
+            raise ValueError(f"callback returned latents of shape {tuple(new.shape)}, "
+                             f"expected {tuple(latents.shape)}")
+          latents = jnp.asarray(new, latents.dtype)
+    else:
+      self._pending.append((fields, density))
+    return latents
+
+  def finish(self) -> List[StepRecord]:
+    """All records, in step order (converts pending device densities, one sync)."""
+    if self._bar is not None:
+      self._bar.close()
+    records = []
+    for item, density in self._pending:
+      if isinstance(item, StepRecord):
+        records.append(item)
+      else:
+        records.append(StepRecord(seconds=math.nan, density=float(density), **item))
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+  """`value` as an int >= minimum, else ValueError naming it."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_real(name: str, value) -> float:
+  """`value` as a finite float, else ValueError naming it."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or (
+      not math.isfinite(value)):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  return float(value)
+
+
+def check_num_frames(num_frames, temporal_factor: int) -> int:
+  """Frame count of the form k * temporal_factor + 1 (the causal VAE's first frame alone)."""
+  num_frames = check_int("num_frames", num_frames)
+  if (num_frames - 1) % temporal_factor:
+    lo = (num_frames - 1) // temporal_factor * temporal_factor + 1
+    raise ValueError(f"num_frames={num_frames}: must be {temporal_factor}k + 1 (e.g. {lo} or "
+                     f"{lo + temporal_factor})")
+  return num_frames
+
+
+def check_spatial(height, width, multiple: int, why: str) -> Tuple[int, int]:
+  """height and width, both multiples of `multiple` (`why` names its factors)."""
+  height, width = check_int("height", height), check_int("width", width)
+  for name, value in (("height", height), ("width", width)):
+    if value % multiple:
+      raise ValueError(f"{name}={value}: must be a multiple of {multiple} ({why})")
+  return height, width
+
+
+def check_embeddings(name: str, embeds, text_dim: int, batch: Optional[int] = None
+                     ) -> jax.Array:
+  """[B, L, text_dim] floating-point text embeddings, else ValueError / TypeError naming
+  `name`. `batch` pins B."""
+  shape = tuple(getattr(embeds, "shape", ()))
+  dtype = getattr(embeds, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array [B, L, {text_dim}], got "
+                    f"{type(embeds).__name__} of dtype {dtype}")
+  if len(shape) != 3 or shape[2] != text_dim or shape[1] < 1 or shape[0] < 1:
+    raise ValueError(f"{name} must be [B, L, {text_dim}], got shape {shape}")
+  if batch is not None and shape[0] != batch:
+    raise ValueError(f"{name} has batch {shape[0]}, expected {batch}")
+  return embeds
+
+
+def check_latents(latents, shape: Sequence[int]) -> jax.Array:
+  """Initial latents of exactly `shape` (floating point), returned as float32."""
+  got = tuple(getattr(latents, "shape", ()))
+  dtype = getattr(latents, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"latents must be a floating-point array, got dtype {dtype}")
+  if got != tuple(shape):
+    raise ValueError(f"latents have shape {got}, expected {tuple(shape)} from the batch, "
+                     f"num_frames, height and width")
+  return jnp.asarray(latents, jnp.float32)
+
+
+def random_latents(seed: int, shape: Sequence[int]) -> jax.Array:
+  """Standard-normal float32 latents from `jax.random.key(seed)`.
+
+  These are JAX PRNG draws: equal seeds do NOT give diffusers' torch `randn` latents; pass
+  `latents=` for bit-comparable runs.
+  """
+  seed = check_int("seed", seed, minimum=0)
+  return jax.random.normal(jax.random.key(seed), tuple(shape), jnp.float32)
