@@ -59,6 +59,15 @@ def to_flax(kind: Kind, tensor: np.ndarray) -> np.ndarray:
   return tensor
 
 
+def to_torch(kind: Kind, array: np.ndarray) -> np.ndarray:
+  """The inverse of `to_flax`: a flax-layout array in the rule's torch layout (a view)."""
+  if kind == "linear":
+    return array.T
+  if kind == "conv":
+    return array.transpose(array.ndim - 1, array.ndim - 2, *range(array.ndim - 2))
+  return array
+
+
 def source_shape(kind: Kind, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
   """The torch-layout shape that `to_flax(kind, .)` turns into `flax_shape`."""
   if kind == "linear":

@@ -55,8 +55,8 @@ def to_state_dict(model: UMT5Encoder) -> Dict[str, np.ndarray]:
   rules = {**key_table(model.cfg), EMBED_KEYS[0]: cc.Rule(("embed_tokens", "embedding"))}
   out = {}
   for key, rule in rules.items():
-    value = np.asarray(variables[rule.target].get_value())
-    out[key] = np.ascontiguousarray(value.T if rule.kind == "linear" else value)
+    value = cc.to_torch(rule.kind, np.asarray(variables[rule.target].get_value()))
+    out[key] = np.ascontiguousarray(value)
   return out
 
 

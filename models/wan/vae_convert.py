@@ -57,9 +57,7 @@ def to_state_dict(model: WanVAE) -> Dict[str, np.ndarray]:
   variables = cc.param_variables(model)
   out = {}
   for key, (rule, shape) in key_table(model).items():
-    value = np.asarray(variables[rule.target].get_value())
-    if rule.kind == "conv":
-      value = value.transpose(value.ndim - 1, value.ndim - 2, *range(value.ndim - 2))
+    value = cc.to_torch(rule.kind, np.asarray(variables[rule.target].get_value()))
     out[key] = np.ascontiguousarray(value.reshape(shape))
   return out
 

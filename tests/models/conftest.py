@@ -2,7 +2,7 @@
 
 import pytest
 
-from wan_testing import CHANNELS, TINY_DIFFUSERS, export_numpy_checkpoint, random_jax_model
+from wan_testing import export_numpy_checkpoint, random_jax_model, tiny_diffusers_transformer
 
 
 @pytest.fixture
@@ -22,19 +22,13 @@ def numpy_checkpoint(tmp_path):
 def diffusers_wan(tmp_path_factory):
   """Factory: (kind, seed) -> (diffusers WanTransformer3DModel with random weights, folder
   of its `save_pretrained` with >= 2 shards). Skips without torch / diffusers."""
-  torch = pytest.importorskip("torch", reason="parity tests need torch")
-  diffusers = pytest.importorskip("diffusers", reason="parity tests need diffusers")
+  pytest.importorskip("torch", reason="parity tests need torch")
+  pytest.importorskip("diffusers", reason="parity tests need diffusers")
   cache = {}
 
   def make(kind: str = "t2v", seed: int = 0):
     if (kind, seed) not in cache:
-      c_in, c_out = CHANNELS[kind]
-      torch.manual_seed(seed)
-      model = diffusers.WanTransformer3DModel(**TINY_DIFFUSERS, in_channels=c_in,
-                                              out_channels=c_out).eval()
-      with torch.no_grad():
-        for _, p in model.named_parameters():
-          p.copy_(torch.randn_like(p) * 0.3)
+      model = tiny_diffusers_transformer(kind, seed)
       folder = tmp_path_factory.mktemp(f"diffusers_{kind}_{seed}")
       model.save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
       cache[kind, seed] = model, folder

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoint_testing import write_safetensors
 from models.convert_common import param_variables
 from models.hunyuan import HunyuanConfig, HunyuanVideoTransformer
 from models.hunyuan.convert import key_table
@@ -68,18 +69,7 @@ def flat_params(model) -> dict:
 
 def write_shards(tensors: dict, folder: Path, num_shards: int, save_file) -> None:
   """Sharded safetensors + diffusers-style index, keys dealt round-robin over the shards."""
-  folder.mkdir(parents=True, exist_ok=True)
-  names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-           for i in range(num_shards)]
-  shards = [dict() for _ in names]
-  for i, (key, value) in enumerate(tensors.items()):
-    shards[i % num_shards][key] = value
-  weight_map = {}
-  for name, shard in zip(names, shards):
-    save_file(shard, str(folder / name))
-    weight_map.update({k: name for k in shard})
-  (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": 0},
-                                          "weight_map": weight_map}))
+  write_safetensors(tensors, folder, num_shards, save_file)
 
 
 def diffusers_config_json(cfg: HunyuanConfig) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from checkpoint_testing import write_safetensors
 from models import CheckpointError
 from models import convert_common as cc
 from models.hunyuan import vae as vae_lib
@@ -263,18 +264,8 @@ def _export(model: HunyuanVAE, folder: Path, shards: int = 1) -> Path:
   """Writes `model` as a diffusers vae/ folder with NumPy (split into `shards` files)."""
   folder.mkdir(parents=True)
   (folder / "config.json").write_text(json.dumps(_diffusers_config(model.config)))
-  state = to_state_dict(model)
-  if shards == 1:
-    save_file(state, str(folder / SINGLE))
-    return folder
-  keys = sorted(state)
-  weight_map = {}
-  for i in range(shards):
-    name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-    part = keys[i::shards]
-    save_file({k: state[k] for k in part}, str(folder / name))
-    weight_map.update({k: name for k in part})
-  (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  write_safetensors(dict(sorted(to_state_dict(model).items())), folder, shards, save_file,
+                    index_metadata={})
   return folder
 
 

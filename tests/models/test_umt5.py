@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from checkpoint_testing import write_safetensors
 from models import convert_common as cc
 from models.prompt import prompt_clean
 from models.tokenizer import Tokenizer
@@ -75,17 +76,8 @@ def export(model: UMT5Encoder, folder: Path, *, shards: int = 1, embed_keys=EMBE
   for key in embed_keys:
     state[key] = emb
   (folder / "config.json").write_text(json.dumps(hf_config_json(**config_overrides)))
-  keys = sorted(state)
-  if shards == 1:
-    save_file(state, str(folder / "model.safetensors"))
-    return folder
-  weight_map = {}
-  for i in range(shards):
-    name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-    part = {k: state[k] for k in keys[i::shards]}
-    save_file(part, str(folder / name))
-    weight_map.update({k: name for k in part})
-  (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  write_safetensors(dict(sorted(state.items())), folder, shards, save_file, stem="model",
+                    index_metadata={})
   return folder
 
 

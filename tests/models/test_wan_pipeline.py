@@ -13,7 +13,7 @@ from models.sampling import SvgEarSchedule
 from models.schedulers import UniPCFlowScheduler
 from models.wan.pipeline import WanPipeline
 from svg_ear_jax import SvgEarConfig
-from wan_testing import CHANNELS, TINY_DIFFUSERS, random_jax_model, rel_err
+from wan_testing import CHANNELS, random_jax_model, rel_err, tiny_diffusers_transformer
 
 # 5 frames at 64 x 64 -> latents (2, 8, 8) -> 32 tokens; 6 UniPC steps at shift 3 give
 # t = 999, 937 (high-noise expert, >= 875) and 857, 750, 600, 376 (low-noise).
@@ -57,19 +57,11 @@ def _run(pipe, lat, pe, ne, **kw):
 @pytest.fixture(scope="module")
 def diffusers_pipelines(tmp_path_factory):
   """kind ("a14b" | "ti2v") -> (diffusers WanPipeline, its save_pretrained folder)."""
-  torch = pytest.importorskip("torch", reason="parity tests need torch")
+  pytest.importorskip("torch", reason="parity tests need torch")
   diffusers = pytest.importorskip("diffusers", reason="parity tests need diffusers")
   cache = {}
 
-  def dit(kind, seed):
-    c_in, c_out = CHANNELS[kind]
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(**TINY_DIFFUSERS, in_channels=c_in,
-                                            out_channels=c_out).eval()
-    with torch.no_grad():
-      for _, p in model.named_parameters():
-        p.copy_(torch.randn_like(p) * 0.3)
-    return model
+  dit = tiny_diffusers_transformer
 
   def make(kind):
     if kind not in cache:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoint_testing import write_safetensors
 from models.convert_common import param_variables
 from models.wan import WanConfig, WanTransformer
 from models.wan.convert import key_table
@@ -27,6 +28,22 @@ def tiny_config(kind: str, **overrides) -> WanConfig:
   c_in, c_out = CHANNELS[kind]
   return WanConfig.tiny(**{**dict(in_channels=c_in, out_channels=c_out, model_type=kind),
                            **overrides})
+
+
+def tiny_diffusers_transformer(kind: str, seed: int):
+  """A diffusers `WanTransformer3DModel` of the toy size with N(0, 0.3^2) weights (needs
+  torch and diffusers: callers importorskip them)."""
+  import diffusers
+  import torch
+
+  c_in, c_out = CHANNELS[kind]
+  torch.manual_seed(seed)
+  model = diffusers.WanTransformer3DModel(**TINY_DIFFUSERS, in_channels=c_in,
+                                          out_channels=c_out).eval()
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * 0.3)
+  return model
 
 
 def wan_inputs(kind: str, *, batch: int = 1, timestep: float = 500.0, seed: int = 0):
@@ -55,18 +72,7 @@ def flat_params(model) -> dict:
 
 def write_shards(tensors: dict, folder: Path, num_shards: int, save_file) -> None:
   """Sharded safetensors + diffusers-style index, keys dealt round-robin over the shards."""
-  folder.mkdir(parents=True, exist_ok=True)
-  names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-           for i in range(num_shards)]
-  shards = [dict() for _ in names]
-  for i, (key, value) in enumerate(tensors.items()):
-    shards[i % num_shards][key] = value
-  weight_map = {}
-  for name, shard in zip(names, shards):
-    save_file(shard, str(folder / name))
-    weight_map.update({k: name for k in shard})
-  (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-      json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+  write_safetensors(tensors, folder, num_shards, save_file)
 
 
 def export_numpy_checkpoint(model: WanTransformer, folder: Path, *, layout: str = "diffusers",
