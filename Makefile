@@ -16,11 +16,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.quality --preset demo
 
-# Two processes (the model ports, then the rest): one process for everything grows past
-# what jaxlib 0.10.2's CPU compiler survives (a segfault late in the run).
+# Three processes (the model ports, the rest, then sequence parallelism on 8 fake CPU
+# devices): one process for everything grows past what jaxlib 0.10.2's CPU compiler
+# survives (a segfault late in the run), and the device count is fixed when jax starts.
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/models
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests --ignore=tests/models
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests --ignore=tests/models --ignore=tests/parallel
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/parallel
 
 clean:
 	rm -rf .venv .venv312 .pytest_cache

@@ -1,4 +1,10 @@
-"""PyTorch safetensors checkpoints -> flax.nnx models and Orbax checkpoints (model-agnostic).
+"""PyTorch checkpoints -> flax.nnx models and Orbax checkpoints (model-agnostic).
+
+Sources are local safetensors files (`SafetensorsCheckpoint`) or torch pickles
+(`TorchPickleCheckpoint`: `.pth` / `.pt` state dicts, memory-mapped, read with torch only
+then; `TorchMissingError` without it); both offer the same header-then-stream interface.
+Converted folders are a marker (`MARKER`: format, version, config) plus the parameters as
+an Orbax checkpoint (`write_converted`, `convert_component`, `restore_params`).
 
 A model port supplies a table `{source key: Rule}` built from its config; this module
 opens the local checkpoint (one file or index-listed shards), checks the table against the
@@ -551,3 +557,170 @@ def stream_params(model: nnx.Module, ckpt: "SafetensorsCheckpoint", rules: Dict[
     if reshape:
       value = value.reshape(spec.shape)
     variables[rule.target].set_value(jax.device_put(value.astype(spec.dtype), device))
+
+
+# --- torch pickles, converted components ------------------------------------------------------
+
+PICKLE_SUFFIXES = (".pth", ".pt")
+_PICKLE_WRAPPERS = ("model", "module", "state_dict")  # as diffusers' conversion scripts
+
+
+class TorchMissingError(CheckpointError, ImportError):
+  """Reading a torch pickle without torch installed (a `CheckpointError` and an
+  `ImportError`)."""
+
+
+def import_torch(location: os.PathLike):
+  """The `torch` module, or a `TorchMissingError` naming the pickle that needs it."""
+  try:
+    import torch
+  except ImportError as err:
+    raise TorchMissingError(
+        f"{location} is a torch pickle: reading it needs PyTorch, which is not installed. "
+        "Install torch (CPU build is enough), or convert the file on a machine with torch "
+        "(svg-ear-convert) and use the converted folder here") from err
+  return torch
+
+
+class TorchPickleCheckpoint:
+  """A local torch pickle state dict (`torch.save`), read through the same interface as
+  `SafetensorsCheckpoint` (`location`, `file_of`, `keys`, `shape`, `dtype`, `read`).
+
+  Loaded with `weights_only=True` and memory-mapped when the file is in torch's zip format
+  (legacy pickles are read whole), so tensors are copied one at a time on `read`. Wrappers
+  ("model", "module", "state_dict") holding the state dict are unwrapped; any other value
+  that is not a tensor is an error. Needs torch (`TorchMissingError` without it).
+  """
+
+  def __init__(self, location: os.PathLike):
+    self.location = Path(location)
+    torch = import_torch(self.location)
+    self._torch = torch
+    state = self._load(torch)
+    for wrapper in _PICKLE_WRAPPERS:
+      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+        state = state[wrapper]
+    if not isinstance(state, Mapping):
+      raise CheckpointError(f"{self.location}: not a state dict ({type(state).__name__})")
+    for key, value in state.items():
+      if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"key '{key}' in file {self.location} is a "
+                              f"{type(value).__name__}, not a tensor")
+    self._tensors = dict(state)
+    self.file_of = {key: self.location for key in self._tensors}
+
+  def _load(self, torch):
+    if not self.location.is_file():
+      raise CheckpointError(f"{self.location}: no such file")
+    kw = dict(map_location="cpu", weights_only=True)
+    try:
+      return torch.load(str(self.location), mmap=True, **kw)
+    except Exception as err:  # legacy (non-zip) pickles cannot be memory-mapped
+      first = err
+    try:
+      return torch.load(str(self.location), **kw)
+    except Exception as err:  # pickle, zip and unpickling errors alike
+      raise CheckpointError(f"cannot read torch checkpoint {self.location} (truncated or "
+                            f"corrupt?): {err} (memory-mapped: {first})") from err
+
+  def keys(self) -> List[str]:
+    return list(self._tensors)
+
+  def shape(self, key: str) -> Tuple[int, ...]:
+    return tuple(self._tensors[key].shape)
+
+  def dtype(self, key: str) -> str:
+    """The safetensors name of the dtype (others keep torch's name, which `check_keys`
+    rejects)."""
+    torch = self._torch
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+             torch.bfloat16: "BF16"}
+    dtype = self._tensors[key].dtype
+    return names.get(dtype, str(dtype))
+
+  def read(self, key: str) -> np.ndarray:
+    """One tensor as a host NumPy array (bfloat16 via ml_dtypes)."""
+    tensor = self._tensors[key]
+    try:
+      if tensor.dtype == self._torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits
+        import ml_dtypes
+
+        return tensor.contiguous().view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+      return tensor.contiguous().numpy()
+    except Exception as err:
+      raise CheckpointError(f"cannot read key '{key}' from file {self.location}: {err}") \
+          from err
+
+  def close(self) -> None:
+    self._tensors = {}
+
+  def __enter__(self) -> "TorchPickleCheckpoint":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PrefixView:
+  """The keys of a checkpoint under `prefix`, with the prefix removed (the other keys are
+  left out); the same reading interface as the checkpoint."""
+
+  def __init__(self, ckpt: Any, prefix: str):
+    self.location = ckpt.location
+    self._ckpt, self._prefix = ckpt, prefix
+    self.file_of = {k[len(prefix):]: f for k, f in ckpt.file_of.items() if k.startswith(prefix)}
+    self.left_out = [k for k in ckpt.file_of if not k.startswith(prefix)]
+
+  def keys(self) -> List[str]:
+    return list(self.file_of)
+
+  def shape(self, key: str) -> Tuple[int, ...]:
+    return self._ckpt.shape(self._prefix + key)
+
+  def dtype(self, key: str) -> str:
+    return self._ckpt.dtype(self._prefix + key)
+
+  def read(self, key: str) -> np.ndarray:
+    return self._ckpt.read(self._prefix + key)
+
+
+def find_pickles(folder: Path, pattern: str) -> List[Path]:
+  """Torch pickles (`PICKLE_SUFFIXES`) directly in `folder` whose name matches the regular
+  expression `pattern` (case-insensitive, searched anywhere in the name)."""
+  import re
+
+  if not folder.is_dir():
+    return []
+  return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES
+                and re.search(pattern, p.name, re.IGNORECASE))
+
+
+PARAMS_DIR = "params"  # the Orbax folder inside a converted folder
+
+
+def write_converted(model: nnx.Module, folder: os.PathLike, fmt: str, version: int,
+                    config: Mapping[str, Any], **extra: Any) -> None:
+  """A converted folder: the marker (format, version, config, `extra`) and the model's
+  parameters as an Orbax checkpoint in `PARAMS_DIR`."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  write_json(folder / MARKER, {"format": fmt, "version": version, "config": dict(config),
+                               **extra})
+  save_params(model, folder / PARAMS_DIR)
+
+
+def convert_component(load: Callable[[jax.Device], nnx.Module], dst: os.PathLike, fmt: str,
+                      version: int, config_of: Callable[[nnx.Module], Mapping[str, Any]], *,
+                      overwrite: bool = False) -> Path:
+  """Loads a model on the host CPU with `load(cpu_device)` and writes it as a converted
+  folder at `dst`, atomically (nothing is left at `dst` on failure).
+
+  Returns:
+    `dst` as an absolute path.
+  """
+  dst = Path(dst).absolute()
+  cpu = jax.local_devices(backend="cpu")[0]
+  with atomic_directory(dst, overwrite=overwrite) as tmp:
+    model = load(cpu)
+    write_converted(model, tmp, fmt, version, config_of(model))
+  return dst

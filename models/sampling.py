@@ -1,4 +1,4 @@
-"""Machinery shared by the denoising loops (Wan now, HunyuanVideo later).
+"""Machinery shared by the denoising loops (models/denoise.py and the pipelines).
 
 - `SvgEarSchedule`: which denoising steps run dense attention (the reference's
   `first_times_fp` warm-up) and what happens to the k-means state at a Wan expert switch.
@@ -40,10 +40,9 @@ class SvgEarSchedule:
       Default "cold": the two experts' q/k distributions differ and no measurement here
       showed carrying to help. The reference shares one processor per layer index between
       both experts, so it effectively carries; choose "carry" to reproduce it.
-    kmeans_during_dense: the reference's `zero_step_kmeans_init` (k-means also runs on the
-      dense warm-up steps so the first sparse step starts warm). Not implemented: the
-      model's dense path skips k-means entirely (routing "dense" passes the state through),
-      so True raises NotImplementedError when a pipeline runs the schedule.
+    kmeans_during_dense: the reference's `zero_step_kmeans_init`: the dense warm-up steps
+      still run k-means in the sparse layers (output exact dense attention, the centroids
+      carried), so the first sparse step starts warm (`kmeans_iters_warm`) instead of cold.
   """
 
   dense_steps: Union[float, int] = 0.2
@@ -86,14 +85,6 @@ class SvgEarSchedule:
     """(num_steps,) whether each step runs dense attention."""
     n = self.num_dense(num_steps)
     return tuple(i < n for i in range(num_steps))
-
-  def require_supported(self) -> None:
-    """Raises NotImplementedError for options the pipelines do not implement."""
-    if self.kmeans_during_dense:
-      raise NotImplementedError(
-          "SvgEarSchedule.kmeans_during_dense (the reference's zero_step_kmeans_init) is not "
-          "implemented: the DiT's dense attention path does not run k-means")
-
 
 # ------------------------------------------------------------------------------------------
 # Classifier-free guidance
@@ -140,6 +131,9 @@ class StepRecord:
     guidance_scale: the CFG scale used (<= 1: no CFG).
     seconds: wall time of the step (NaN when timings were not requested: no host sync).
     density: mean exact-area fraction over the sparse layers, batch and heads (1.0 dense).
+    graph: which DiT program ran: "dense", "dense-kmeans-cold" / "dense-kmeans-warm" (dense
+      attention, k-means in the sparse layers without / with the previous centroids),
+      "sparse-cold" / "sparse-warm".
   """
 
   index: int
@@ -149,6 +143,7 @@ class StepRecord:
   guidance_scale: float
   seconds: float
   density: float
+  graph: str = "dense"
 
 
 Callback = Callable[[StepRecord, jax.Array], Optional[jax.Array]]

@@ -91,6 +91,21 @@ def _masked_dense(qg, kg, vg, key_mask, impl):
   return sparse_attention.sparse_attention_xla(*args, scale=d ** -0.5, compensation=False)
 
 
+def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask) -> SvgEarState:
+  """The k-means stage alone (routing "dense" with `dense_kmeans`): the next centroids."""
+  b, s, h, d = q.shape
+  n_video = s - num_dense_tokens
+  qg, kg = _heads_first(q)[:, :n_video], _heads_first(k)[:, :n_video]
+  warm = {}
+  if state is not None:
+    warm = dict(q_init=state.q_centroids.reshape(b * h, cfg.num_q_clusters, d),
+                k_init=state.k_centroids.reshape(b * h, cfg.num_k_clusters, d))
+  k_mask = None if g_mask is None else g_mask[:, :n_video]
+  q_c, k_c = pipeline.centroids(qg, kg, cfg, impl, k_mask=k_mask, **warm)
+  return SvgEarState(q_centroids=q_c.reshape(b, h, cfg.num_q_clusters, d),
+                     k_centroids=k_c.reshape(b, h, cfg.num_k_clusters, d))
+
+
 def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, *,
                       state: Optional[SvgEarState] = None, return_aux: bool = False,
                       num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None):
@@ -129,6 +144,8 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
       out = reference.dense_attention_reference(q, k, v).astype(q_dtype)
     else:
       out = dense.dense_attention(q, k, v)
+    if cfg.dense_kmeans and return_aux:
+      state = _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask)
     aux = SvgEarAux(state=state, density=jnp.ones((b, h), jnp.float32))
     return (out, aux) if return_aux else out
 

@@ -24,6 +24,10 @@ class SvgEarConfig:
     kmeans_iters_warm: Lloyd iterations when warm-started from a previous call's centroids.
     kmeans_tol: stop a head's k-means once the largest centroid move (L2) is below this.
     routing: "ear" (error-aware), "topp" (SVG2 score top-p) or "dense" (everything exact).
+    dense_kmeans: with routing "dense", still run k-means on Q and K (warm-started from
+      `state` when given) and return the centroids, so that a later sparse call of the
+      layer starts warm (the reference's `zero_step_kmeans_init` on dense warm-up steps);
+      the output stays exact dense attention. Ignored by the other routings.
     compensation: what stands in for every skipped key cluster: "variance" (default: one
       pseudo-token, logit q.kbar_j * scale + log n_j + min(0.5 * scale^2 * (q*q) . var_j,
       scale * ||q|| * r_j), value vbar_j; ALGORITHM.md 9: 0.44-0.58x the error of "mean"
@@ -54,6 +58,7 @@ class SvgEarConfig:
   kmeans_iters_warm: int = 2
   kmeans_tol: float = 1e-4
   routing: Routing = "ear"
+  dense_kmeans: bool = False
   compensation: Compensation = "variance"
   top_p: float = 0.9
   min_kc_ratio: float = 0.05
@@ -77,6 +82,8 @@ class SvgEarConfig:
       fail("kmeans_tol", "must be a float >= 0")
     if self.routing not in ROUTINGS:
       fail("routing", f"must be one of {ROUTINGS}")
+    if not isinstance(self.dense_kmeans, bool):
+      fail("dense_kmeans", "must be a bool")
     if isinstance(self.compensation, bool):  # the boolean API of earlier releases
       object.__setattr__(self, "compensation", "mean" if self.compensation else "none")
     if self.compensation not in COMPENSATIONS:

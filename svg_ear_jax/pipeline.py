@@ -8,7 +8,7 @@ oracle) or "pallas" (GPU kernels; run in interpret mode off GPU, for tests).
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -93,18 +93,7 @@ def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
                            **_attention_blocks())
 
 
-def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
-            q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
-            k_mask: Optional[jax.Array] = None) -> Clusters:
-  """k-means of q and of k (cold when no init is given), plus value centroids.
-
-  Args:
-    q, k, v: [G, S, D].
-    cfg: static configuration.
-    impl: "xla", "reference" or "pallas" (the assignment kernel).
-    q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
-    k_mask: optional [G, S] bool valid keys; invalid keys get label Kk (in no cluster).
-  """
+def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask):
   if (q_init is None) != (k_init is None):
     raise ValueError("give both warm-start centroids or neither")
   if q_init is None:
@@ -118,8 +107,31 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   if impl == "pallas":
     assign_fn = lambda x, c: _pallas().kmeans_assign(x, c, interpret=_interpret())
   km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
-  q_res = kmeans.kmeans(q, q_init, **km)
-  k_res = kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
+  return kmeans.kmeans(q, q_init, **km), kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
+
+
+def centroids(q: jax.Array, k: jax.Array, cfg: SvgEarConfig, impl: str,
+              q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
+              k_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  """The k-means stage of `cluster` alone: ([G, Kq, D], [G, Kk, D]) centroids of q and k
+  ([G, S, D]), cold when no init is given."""
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask)
+  return q_res.centroids, k_res.centroids
+
+
+def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
+            q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
+            k_mask: Optional[jax.Array] = None) -> Clusters:
+  """k-means of q and of k (cold when no init is given), plus value centroids.
+
+  Args:
+    q, k, v: [G, S, D].
+    cfg: static configuration.
+    impl: "xla", "reference" or "pallas" (the assignment kernel).
+    q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
+    k_mask: optional [G, S] bool valid keys; invalid keys get label Kk (in no cluster).
+  """
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask)
   # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
   if cfg.compensation != "variance":
     v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,

@@ -121,6 +121,32 @@ def test_dense_routing_equals_dense(impl):
   assert aux.state is None and aux.density.shape == (1, 2) and bool(jnp.all(aux.density == 1))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_kmeans_keeps_dense_output_and_sparse_centroids(masked):
+  """routing "dense" + dense_kmeans: dense output, the centroids the sparse path would
+  leave (cold, then warm from a state), text tokens and padding keys excluded alike."""
+  q, k, v = _qkv(1, b=2, s=192)
+  extra = {}
+  if masked:
+    mask = jnp.ones((2, 192), bool).at[1, 180:].set(False)
+    extra = dict(num_dense_tokens=16, key_mask=mask)
+  sparse = SvgEarConfig(**SMALL, implementation="xla")
+  dense = sparse.replace(routing="dense", dense_kmeans=True)
+  out, aux = svg_ear_attention(q, k, v, dense, return_aux=True, **extra)
+  want, _ = svg_ear_attention(q, k, v, sparse.replace(routing="dense"), return_aux=True,
+                              **extra)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+  _, ref = svg_ear_attention(q, k, v, sparse, return_aux=True, **extra)
+  for got, exp in zip(jax.tree.leaves(aux.state), jax.tree.leaves(ref.state)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-6, atol=1e-6)
+  _, warm = svg_ear_attention(q, k, v, dense, state=aux.state, return_aux=True, **extra)
+  _, warm_ref = svg_ear_attention(q, k, v, sparse, state=ref.state, return_aux=True, **extra)
+  for got, exp in zip(jax.tree.leaves(warm.state), jax.tree.leaves(warm_ref.state)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="dense_kmeans"):
+    SvgEarConfig(dense_kmeans=1)
+
+
 @pytest.mark.parametrize("impl", ["xla", "reference"])
 @pytest.mark.parametrize("changes", [dict(routing="topp", top_p=1.0),
                                      dict(routing="ear", top_p=1.0),

@@ -117,3 +117,19 @@ def test_breakdown_needs_a_gpu_and_formats_stages(capsys):
   text = breakdown.markdown(result, top=1)
   assert "| cluster | 3 | 1.50 |" in text and "| `assign` | 2 | 1.000 |" in text
   assert "scatter" not in text  # top=1 keeps the slowest kernel only
+
+
+def test_generate_benchmark_tiny(tmp_path):
+  from benchmarks import generate
+
+  out = str(tmp_path / "gen")
+  assert generate.main(["steps", "--resolution", "tiny", "--settings", "dense", "mean_0.25",
+                        "--out", out]) == 0
+  rows = {r["setting"]: r for r in json.load(open(out + ".json"))}
+  assert rows["dense"]["video_s"] == pytest.approx(40 * rows["dense"]["step_ms_warm"] / 1e3)
+  sparse = rows["mean_0.25"]
+  want = (8 * rows["dense"]["step_ms_warm"] + 2 * sparse["step_ms_cold"]
+          + 30 * sparse["step_ms_warm"]) / 1e3
+  assert sparse["video_s"] == pytest.approx(want)
+  assert 0 < sparse["density"] < 1 and rows["dense"]["density"] == 1
+  assert "| tiny | mean_0.25 |" in open(out + ".md").read()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import convert_common as cc
+from models import parallel
 from models.attention import AttentionLike
 from models.hunyuan.config import HunyuanConfig
 from models.hunyuan.sources import Checkpoint, RowSlice, SlicedCheckpoint, open_checkpoint
@@ -307,7 +308,8 @@ def _source_dir(root: Path) -> Path:
 
 def from_pretrained(path: os.PathLike, *, dtype: Any = None, variant: Variant = None,
                     attention: AttentionLike = None, progress: bool = False,
-                    device: Optional[jax.Device] = None) -> HunyuanVideoTransformer:
+                    device: Optional[jax.Device] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> HunyuanVideoTransformer:
   """A HunyuanVideo DiT from a local folder or file. Nothing is downloaded.
 
   `path` may be a source checkpoint (diffusers or original layout; safetensors shards, a
@@ -324,15 +326,19 @@ def from_pretrained(path: os.PathLike, *, dtype: Any = None, variant: Variant = 
       `AttentionPolicy` (e.g. with `dense_layers`).
     progress: show a progress bar while converting source weights.
     device: where the weights go (default device if None).
+    mesh: a mesh with a "seq" axis (and optionally "data") to run the forward Ulysses
+      sequence-parallel over (`set_mesh(mesh)`: the weights loaded as above, then
+      replicated on the mesh; see models/parallel.py); None: the single-device model.
   """
   root = Path(path)
   if not root.exists():
     raise cc.CheckpointError(f"{root}: no such file or folder")
   kw = dict(variant=variant, attention=attention, device=device)
   if root.is_dir() and _read_marker(root) is not None:
-    return load_converted(root, dtype=dtype, **kw)
+    return parallel.with_mesh(load_converted(root, dtype=dtype, **kw), mesh)
   dtype = jnp.bfloat16 if dtype is None else dtype
-  return load_source(_source_dir(root), dtype=dtype, progress=progress, **kw)
+  model = load_source(_source_dir(root), dtype=dtype, progress=progress, **kw)
+  return parallel.with_mesh(model, mesh)
 
 
 def convert(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.bfloat16,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import layers
+from models import layers, parallel
 from models.attention import (AttentionDensity, AttentionLike, AttentionPolicy, KMeansState,
                               SparseAttentionMixin, matching_state)
 from models.hunyuan import joint_attention as ja
@@ -230,15 +230,20 @@ def _stack(cfg: HunyuanConfig, block_cls, num: int, rngs: nnx.Rngs):
   return make(rngs)
 
 
-def _scan(blocks: nnx.Module, start: int, stop: int, carry: Any, step: Callable,
-          xs: Any = None) -> Tuple[Any, Any]:
+def _scan(blocks: Any, start: int, stop: int, carry: Any, step: Callable,
+          xs: Any = None, gather: Optional[Callable] = None) -> Tuple[Any, Any]:
   """lax.scan of `step(block_i, carry, xs_i) -> (carry, y_i)` over layers [start, stop) of
-  a stacked module; the body indexes layer i's weights, so no slice of the stack is copied."""
-  graphdef, params = nnx.split(blocks)
+  a stacked module (or its `nnx.split` (graphdef, params)); the body indexes layer i's
+  weights, so no slice of the stack is copied. `gather` maps one layer's weights before
+  use (the FSDP all-gather of the sequence-parallel path)."""
+  graphdef, params = blocks if isinstance(blocks, tuple) else nnx.split(blocks)
 
   def body(carry, inputs):
     i, x_i = inputs
-    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+    layer = jax.tree.map(lambda a: a[i], params)
+    if gather is not None:
+      layer = gather(layer)
+    block = nnx.merge(graphdef, layer)
     return step(block, carry, x_i)
 
   return jax.lax.scan(body, carry, (jnp.arange(start, stop), xs))
@@ -276,7 +281,8 @@ class TokenRefiner(nnx.Module):
     return x
 
 
-class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
+class HunyuanVideoTransformer(SparseAttentionMixin, parallel.SequenceParallelMixin,
+                              nnx.Module):
   """HunyuanVideo DiT: `[B, C, F, H, W]` noisy latents -> `[B, C_out, F, H, W]` prediction.
 
   20 double-stream blocks (video and text streams with their own weights, one joint
@@ -296,10 +302,23 @@ class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
   layers' k-means centroids live in `self.kmeans_state` (stacked over sparse layers,
   double then single), so successive calls warm-start; `reset_attention_state()` forgets
   them. Blocks are stacked and run with `lax.scan`, as in `WanTransformer`.
+
+  `mesh` (or `set_mesh`): Ulysses sequence parallelism over a `jax.sharding.Mesh` with a
+  "seq" axis (num_heads divisible by its size) and optionally a "data" axis for the batch
+  (see models/parallel.py). The double and single blocks run in one `shard_map`: the
+  video tokens sharded (padded to a multiple of the "seq" size), the text tokens
+  replicated on every device; in each joint attention the video q|k|v go through one
+  all-to-all, each device slices its heads of the text q, k, v, attends over exactly the
+  single-device [video | text] sequence, and sends the video rows back through one
+  all-to-all and all-gathers the text rows. The token refiner runs outside, replicated.
+  None: the single-device program.
   """
 
+  _block_stacks = ("transformer_blocks", "single_transformer_blocks")
+
   def __init__(self, cfg: HunyuanConfig, *, attention: AttentionLike = None,
-               rngs: Optional[nnx.Rngs] = None):
+               rngs: Optional[nnx.Rngs] = None, mesh: Optional[jax.sharding.Mesh] = None,
+               fsdp: bool = False):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     d = cfg.dim
     self.config = cfg
@@ -321,6 +340,9 @@ class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
     self.proj_out = layers.linear(d, cfg.out_channels * math.prod(cfg.patch), **kw)
     self.kmeans_state = KMeansState(None)
     self.attention_density = AttentionDensity(None)
+    self.seq_parallel = None
+    if mesh is not None:
+      self.set_mesh(mesh, fsdp=fsdp)
 
   def _check_inputs(self, hidden_states, timestep, text, text_mask, pooled, guidance):
     cfg = self.config
@@ -404,36 +426,105 @@ class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
                   kv_len: jax.Array) -> jax.Array:
     """Double then single blocks; returns the video tokens [B, L_v, D]."""
     cfg = self.config
-    num_video, num_text = x.shape[1], ctx.shape[1]
+    svg_ear = self.attention_policy.svg_ear
+    sparse = self.attention_policy.num_dense(cfg.num_joint_layers) < cfg.num_joint_layers
+    state = None
+    if sparse:
+      lead = (cfg.num_joint_layers - self.attention_policy.num_dense(cfg.num_joint_layers),
+              x.shape[0], cfg.num_heads)
+      state = matching_state(self.kmeans_state.get_value(),
+                             (*lead, svg_ear.num_q_clusters, cfg.head_dim),
+                             (*lead, svg_ear.num_k_clusters, cfg.head_dim))
+    double = nnx.split(self.transformer_blocks)
+    single = nnx.split(self.single_transformer_blocks)
+    if self.seq_parallel is None:
+      x, new_state, density = self._block_stack(double, single, x, ctx, temb, rope, kv_len,
+                                                state)
+    else:
+      x, new_state, density = self._block_stack_sharded(double, single, x, ctx, temb, rope,
+                                                        kv_len, state)
+    if sparse:
+      self.kmeans_state.set_value(new_state)
+      self.attention_density.set_value(density)
+    return x
+
+  def _block_stack_sharded(self, double, single, x, ctx, temb, rope, kv_len, state):
+    """`_block_stack` in one shard_map over `self.seq_parallel`: video tokens (and RoPE)
+    padded to a multiple of the "seq" size and sharded, text tokens replicated, the batch
+    over "data"; returns the full unpadded video tokens [B, L_v, D]."""
+    sp = self.seq_parallel
+    b, n = x.shape[:2]
+    uly = sp.ulysses(num_heads=self.config.num_heads, batch=b, num_tokens=n,
+                     num_replicated=ctx.shape[1])
+    n_pad = sp.padded(n)
+    x = sp.pad(x, n_pad, axis=1)
+    rope = tuple(sp.pad(t, n_pad, axis=0) for t in rope)
+    (double_def, double_params), (single_def, single_params) = double, single
+    double_specs, single_specs = sp.weight_specs(double_params), sp.weight_specs(single_params)
+    state_spec = sp.spec(".ds")
+
+    def body(double_params, single_params, x, ctx, temb, rope, kv_len, state):
+      x, new_state, density = self._block_stack(
+          (double_def, double_params), (single_def, single_params), x, ctx, temb, rope, kv_len,
+          state, uly, (lambda p: sp.gather_layer(p, double_specs),
+                       lambda p: sp.gather_layer(p, single_specs)))
+      return jax.lax.all_gather(x, parallel.SEQ, axis=1, tiled=True), new_state, density
+
+    run = parallel.shard_map(
+        body, sp.mesh,
+        in_specs=(double_specs, single_specs, sp.spec("ds"), sp.spec("d"), sp.spec("d"),
+                  sp.spec("s"), sp.spec("d"), state_spec),
+        out_specs=(sp.spec("d"), state_spec, state_spec))
+    x, new_state, density = run(double_params, single_params, x, ctx, temb, rope, kv_len, state)
+    return x[:, :n], new_state, density
+
+  def _block_stack(self, double, single, x, ctx, temb, rope, kv_len, state,
+                   ulysses: Optional[parallel.Ulysses] = None,
+                   gathers: Tuple[Optional[Callable], Optional[Callable]] = (None, None)):
+    """Double then single blocks (`double` / `single`: the stacks' (graphdef, params)),
+    SVG-EAR warm-started from `state` (stacked over the sparse layers, None = cold).
+    Returns (video tokens, new state, density), the last two None when all is dense.
+
+    `ulysses` (inside the shard_map of `_block_stack_sharded`): x is this device's shard
+    of the video tokens, ctx the whole text, and each joint attention core runs between
+    the all-to-alls on its heads; `gathers` all-gather one layer's FSDP-sharded weights.
+    """
+    cfg = self.config
+    num_video, num_text = x.shape[1], ctx.shape[1]  # num_video: local with ulysses
+    num_video_all = num_video if ulysses is None else ulysses.num_tokens
     policy = self.attention_policy
     n_dense = policy.num_dense(cfg.num_joint_layers)
     dense_double = min(n_dense, cfg.num_layers)
     dense_single = min(max(n_dense - cfg.num_layers, 0), cfg.num_single_layers)
     sparse_double = cfg.num_layers - dense_double
+    wrap = (lambda fn: fn) if ulysses is None else ulysses.wrap
 
     def dense_fn(q, k, v):
       return ja.masked_dense_attention(q, k, v, kv_len)
 
-    def double(block, carry, attention_fn):
+    def double_step(block, carry, attention_fn):
       return block(*carry, temb, rope, attention_fn)
 
-    def single(block, carry, attention_fn):
+    def single_step(block, carry, attention_fn):
       return block(carry, num_video, temb, rope, attention_fn)
 
     svg_ear = policy.svg_ear
-    state = key_mask = None
+    key_mask = None
     if n_dense < cfg.num_joint_layers:
-      lead = (cfg.num_joint_layers - n_dense, x.shape[0], cfg.num_heads)
-      state = matching_state(self.kmeans_state.get_value(),
-                             (*lead, svg_ear.num_q_clusters, cfg.head_dim),
-                             (*lead, svg_ear.num_k_clusters, cfg.head_dim))
-      key_mask = ja.joint_key_mask(kv_len, num_video + num_text)
+      key_mask = ja.joint_key_mask(kv_len, num_video_all + num_text)
 
-    def run(blocks, start, split, stop, carry, step, layer_state):
+    def sparse_core(q, k, v, st):
+      if ulysses is None:
+        return ja.svg_ear_joint_attention(q, k, v, svg_ear, st, num_text=num_text,
+                                          key_mask=key_mask)
+      return ulysses.svg_ear(q, k, v, svg_ear, st, num_dense_tokens=num_text,
+                             key_mask=key_mask)
+
+    def run(blocks, start, split, stop, carry, step, layer_state, gather):
       """Layers [start, split) dense, [split, stop) SVG-EAR with `layer_state` stacked."""
       if split > start:
         carry, _ = _scan(blocks, start, split, carry,
-                         lambda blk, c, _: (step(blk, c, dense_fn), None))
+                         lambda blk, c, _: (step(blk, c, wrap(dense_fn)), None), gather=gather)
       if stop == split:
         return carry, None
 
@@ -441,25 +532,22 @@ class HunyuanVideoTransformer(SparseAttentionMixin, nnx.Module):
         aux = {}
 
         def attention_fn(q, k, v):
-          out, aux["state"], aux["density"] = ja.svg_ear_joint_attention(
-              q, k, v, svg_ear, st, num_text=num_text, key_mask=key_mask)
+          out, aux["state"], aux["density"] = sparse_core(q, k, v, st)
           return out
 
-        carry = step(block, carry, attention_fn)
+        carry = step(block, carry, wrap(attention_fn))
         return carry, (aux["state"], aux["density"])
 
-      return _scan(blocks, split, stop, carry, sparse_step, layer_state)
+      return _scan(blocks, split, stop, carry, sparse_step, layer_state, gather=gather)
 
     take = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], state)
-    (x, ctx), aux_double = run(self.transformer_blocks, 0, dense_double, cfg.num_layers,
-                               (x, ctx), double, take(0, sparse_double))
-    xs, aux_single = run(self.single_transformer_blocks, 0, dense_single,
-                         cfg.num_single_layers, jnp.concatenate([x, ctx], axis=1), single,
-                         take(sparse_double, None))
-    if key_mask is not None:
-      parts = [a for a in (aux_double, aux_single) if a is not None]
-      new_state, density = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-      self.kmeans_state.set_value(new_state)
-      self.attention_density.set_value(density)
-    return xs[:, :num_video]
-
+    (x, ctx), aux_double = run(double, 0, dense_double, cfg.num_layers, (x, ctx), double_step,
+                               take(0, sparse_double), gathers[0])
+    xs, aux_single = run(single, 0, dense_single, cfg.num_single_layers,
+                         jnp.concatenate([x, ctx], axis=1), single_step,
+                         take(sparse_double, None), gathers[1])
+    if key_mask is None:
+      return xs[:, :num_video], None, None
+    parts = [a for a in (aux_double, aux_single) if a is not None]
+    new_state, density = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+    return xs[:, :num_video], new_state, density

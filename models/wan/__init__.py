@@ -7,12 +7,12 @@ Checkpoint conversion to Orbax is `models.wan.convert.convert` (CLI: `svg-ear-co
 from models.wan.config import VARIANTS, WanConfig
 from models.wan.convert import from_pretrained
 from models.wan.experts import WanExpertPair
-from models.wan.pipeline import WanPipeline, WanPipelineOutput
+from models.wan.pipeline import WAN_NEGATIVE_PROMPT, WanPipeline, WanPipelineOutput
 from models.wan.text import encode_prompt
 from models.wan.transformer import WanTransformer
 from models.wan.umt5 import UMT5Config, UMT5Encoder
 from models.wan.vae import WanVAE, WanVAEConfig, WanVAETiling
 
-__all__ = ["VARIANTS", "UMT5Config", "UMT5Encoder", "WanConfig", "WanExpertPair", "WanPipeline",
+__all__ = ["VARIANTS", "WAN_NEGATIVE_PROMPT", "UMT5Config", "UMT5Encoder", "WanConfig", "WanExpertPair", "WanPipeline",
            "WanPipelineOutput", "WanTransformer", "WanVAE", "WanVAEConfig", "WanVAETiling",
            "encode_prompt", "from_pretrained"]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import convert_common as cc
+from models import parallel
 from models.attention import AttentionLike
 from models.wan.config import WanConfig
 from models.wan.transformer import WanTransformer
@@ -240,7 +241,8 @@ def _single_source_dir(root: Path) -> Path:
 
 def from_pretrained(path: os.PathLike, *, dtype: Any = None, variant: Variant = None,
                     attention: AttentionLike = None, progress: bool = False,
-                    device: Optional[jax.Device] = None):
+                    device: Optional[jax.Device] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None):
   """A Wan2.2 DiT, or the two-expert A14B pair, from a local folder.
 
   `path` may be a source checkpoint (diffusers or original layout; for A14B a folder with
@@ -257,6 +259,9 @@ def from_pretrained(path: os.PathLike, *, dtype: Any = None, variant: Variant = 
       `AttentionPolicy` (e.g. with `dense_layers`).
     progress: show a progress bar while converting source weights.
     device: where the weights go (default device if None).
+    mesh: a mesh with a "seq" axis (and optionally "data") to run the forward Ulysses
+      sequence-parallel over (`set_mesh(mesh)`: the weights loaded as above, then
+      replicated on the mesh; see models/parallel.py); None: the single-device model.
 
   Returns:
     `WanTransformer`, or `WanExpertPair` for a two-expert folder.
@@ -273,15 +278,16 @@ def from_pretrained(path: os.PathLike, *, dtype: Any = None, variant: Variant = 
       high_dir, low_dir = (root / marker["experts"][k] for k in ("high_noise", "low_noise"))
       high = load_converted(high_dir, dtype=dtype, **kw)
       low = load_converted(low_dir, dtype=dtype, **kw)
-      return WanExpertPair(high, low, float(marker["boundary_ratio"]))
-    return load_converted(root, dtype=dtype, **kw)
+      return parallel.with_mesh(WanExpertPair(high, low, float(marker["boundary_ratio"])), mesh)
+    return parallel.with_mesh(load_converted(root, dtype=dtype, **kw), mesh)
   dtype = jnp.bfloat16 if dtype is None else dtype
   pair = _pair_dirs(root) if root.is_dir() else None
   if pair is not None:
     high = load_source(pair[0], dtype=dtype, progress=progress, **kw)
     low = load_source(pair[1], dtype=dtype, progress=progress, **kw)
-    return WanExpertPair(high, low, _boundary_ratio(root, high.config))
-  return load_source(_single_source_dir(root), dtype=dtype, progress=progress, **kw)
+    return parallel.with_mesh(WanExpertPair(high, low, _boundary_ratio(root, high.config)), mesh)
+  model = load_source(_single_source_dir(root), dtype=dtype, progress=progress, **kw)
+  return parallel.with_mesh(model, mesh)
 
 
 def convert(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.bfloat16,

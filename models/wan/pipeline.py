@@ -1,21 +1,20 @@
-"""Wan2.2 denoising loop (`WanPipeline`): prompt embeddings in, latents out.
+"""Wan2.2 pipeline (`WanPipeline`): prompt (or embeddings) in, latents, frames or mp4 out.
 
-The math is diffusers' `WanPipeline.__call__` (pipelines/wan/pipeline_wan.py) from the
-scheduler's `set_timesteps` to the last `scheduler.step`: float32 latents of shape
-(B, C_in, (F - 1) // 4 + 1, H / 8, W / 8), the high-noise `transformer` while
+The denoising math is diffusers' `WanPipeline.__call__` (T2V-A14B, TI2V-5B) and
+`WanImageToVideoPipeline.__call__` (I2V-A14B, TI2V-5B with an image), pipelines/wan/, from
+the scheduler's `set_timesteps` to the last `scheduler.step`: float32 latents of shape
+(B, z, (F - 1) // 4 + 1, H / s, W / s), the high-noise `transformer` while
 t >= boundary_ratio * 1000 (with `guidance_scale`) and the low-noise `transformer_2` after
 (with `guidance_scale_2`), noise = uncond + g * (cond - uncond) for g > 1, model input cast
-to the transformer dtype, TI2V-5B's per-token timesteps (`expand_timesteps`).
+to the transformer dtype, TI2V-5B's per-token timesteps (`expand_timesteps`), I2V-A14B's
+36-channel input [noise; mask (4); image latents (16)], TI2V-5B's first-frame blend.
 Differences: cond and uncond run as one DiT batch of 2 by default (`cfg_batch=False`: two
-calls, as diffusers), random latents come from the JAX PRNG, and text encoding / VAE
-decoding are not part of this loop.
+calls, as diffusers), random latents come from the JAX PRNG, the text encoder and the VAE
+are the JAX ports (models/wan/umt5.py, vae.py), loaded on first use.
 
 SVG-EAR: the DiTs' `AttentionPolicy` gives dense layers and the `SvgEarConfig`; an
-`SvgEarSchedule` gives the dense warm-up steps and the expert-switch rule. The DiT forward
-is jitted once per graph (dense | sparse cold start | sparse warm start) and CFG mode; the
-two A14B experts share one graph, so they share the compiled forward (only params differ);
-k-means centroids are carried functionally from step to step (per CFG branch when the
-branches run as separate calls) and written back into the model's `KMeansState` at the end.
+`SvgEarSchedule` gives the dense warm-up steps, k-means during them and the expert-switch
+rule; the loop is `models.denoise.Denoiser`.
 """
 
 import dataclasses
@@ -26,10 +25,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from models import sampling
-from models.attention import AttentionDensity, AttentionLike, AttentionPolicy, KMeansState
+from models import components as comp
+from models import denoise, sampling
+from models.attention import AttentionLike
 from models.sampling import StepRecord, SvgEarSchedule
 from models.schedulers import UniPCFlowScheduler, scheduler_from_pretrained
 from models.wan.experts import NUM_TRAIN_TIMESTEPS, WanExpertPair
@@ -37,6 +36,13 @@ from models.wan.transformer import WanTransformer
 
 PathLike = Union[str, pathlib.Path]
 OPTIONAL_COMPONENTS = ("tokenizer", "text_encoder", "vae")
+MAX_SEQUENCE_LENGTH = 512
+# Wan's official default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`),
+# used by the official repo when none is given; diffusers' default is "".
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +50,18 @@ class WanPipelineOutput:
   """Result of one `WanPipeline` call (N = number of steps).
 
   Attributes:
-    latents: [B, C, F_lat, H_lat, W_lat] float32 final latents.
+    latents: [B, z, F_lat, H_lat, W_lat] float32 final latents (TI2V with an image: after
+      the first-frame blend, what is decoded).
     timesteps: (N,) int64, what the DiT received at each step.
     step_seconds: (N,) float64 wall time per step (NaN without timings).
     step_density: (N,) float64 mean attention density per step (1.0 for dense steps).
     step_dense: (N,) bool, whether each step ran dense attention.
     step_expert: per step, "transformer" or "transformer_2".
     records: the per-step `StepRecord`s.
+    frames: [B, F, H, W, 3] float32 in [0, 1] for output_type "np" / "mp4", else None.
+    video_paths: the mp4 files written (output_type "mp4").
+    seconds: wall time per phase ("text_encoder", "image_encoder", "denoise", "vae_decode",
+      "mp4"), the phases that ran.
   """
 
   latents: jax.Array
@@ -60,158 +71,73 @@ class WanPipelineOutput:
   step_dense: np.ndarray
   step_expert: Tuple[str, ...]
   records: Tuple[StepRecord, ...]
+  frames: Optional[np.ndarray] = None
+  video_paths: Tuple[pathlib.Path, ...] = ()
+  seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _memory_sharding(device: jax.Device, kind: str):
-  try:
-    if kind in {m.kind for m in device.addressable_memories()}:
-      return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
-  except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
-    pass
-  return None
+@dataclasses.dataclass(frozen=True)
+class WanCall(denoise.DenoiserCall):
+  """`WanTransformer(x, t, context)`; cond = (context [B', L, D], per-token timestep mask
+  [N] float32 or None). With the mask (TI2V-5B, `expand_timesteps`) the timestep is
+  mask * t per token, else t per sample."""
 
-
-_TRACES = {"forward": 0, "scheduler": 0}
-
-
-def _forward_impl(params, empty, kmeans, x, timestep, context, guidance, *, graphdef,
-                  mode: str, kind: str, expand: Optional[int]):
-  """One DiT evaluation of a split `WanTransformer`.
-
-  Args:
-    params: the model's state without KMeansState / AttentionDensity.
-    empty: those two None-valued states; an argument, so that their Variables are created
-      inside this trace and may be set here.
-    kmeans: the sparse layers' `SvgEarState` from the previous step, or None (cold start).
-    x: [B, C, F, H, W] float32 latents; timestep: scalar; context: [B | 2B, L, D] (2B for
-      mode "batch": cond then uncond); guidance: scalar CFG scale (mode "batch").
-    graphdef, mode ("single" | "batch"), kind (only keys the cache), expand: static; expand
-      is the token count of per-token timesteps or None.
-
-  Returns:
-    (prediction [B, C_out, F, H, W] in the model dtype, CFG-combined for mode "batch";
-    new k-means state or None; scalar mean density).
-  """
-  del kind
-  _TRACES["forward"] += 1
-  model = nnx.merge(graphdef, *empty, params)
-  model.kmeans_state.set_value(kmeans)
-  xin = x.astype(model.config.dtype)
-  if mode == "batch":
-    xin = sampling.cfg_concat(xin, xin)
-  b = xin.shape[0]
-  t = jnp.full((b,) if expand is None else (b, expand), jnp.asarray(timestep, jnp.float32))
-  out = model(xin, t, context)
-  if mode == "batch":
-    out = sampling.cfg_combine(*sampling.cfg_split(out), guidance)
-  density = sampling.mean_density(model.attention_density.get_value())
-  return out, model.kmeans_state.get_value(), density
-
-
-_forward = jax.jit(_forward_impl, static_argnames=("graphdef", "mode", "kind", "expand"))
-
-
-def _scheduler_step_impl(scheduler, schedule, state, model_output, sample):
-  _TRACES["scheduler"] += 1
-  return scheduler.step(schedule, state, model_output, sample)
-
-
-_scheduler_step = jax.jit(_scheduler_step_impl, static_argnums=0)
-_combine = jax.jit(sampling.cfg_combine)
-
-
-class _Expert:
-  """One DiT of the pipeline: split once per call into a graphdef per attention mode
-  (the model's policy, and dense) and params, with its k-means states per CFG branch."""
-
-  def __init__(self, name: str, model: WanTransformer):
-    self.name = name
-    self.model = model
-    self.trace_counts: Dict[Tuple[str, str], int] = {}
-    self.states: Dict[str, Any] = {}
-    self.on_host = False
-    self.device = None
-    self._host_sharding = None
-
-  @property
-  def sparse(self) -> bool:
-    return self.model.attention_policy.svg_ear is not None
-
-  def refresh(self) -> None:
-    """Re-reads graphdefs and params from the model (its policy or weights may change) and
-    forgets the k-means state (a new video)."""
-    model = self.model
-    model.reset_attention_state()
-    policy = model.attention_policy
-    self.graphdef, kmeans_empty, density_empty, self.params = nnx.split(
-        model, KMeansState, AttentionDensity, ...)
-    self.empty = (kmeans_empty, density_empty)
-    if self.sparse:
-      # Same params, dense graph: the exact dense path for the warm-up steps.
-      model.attention_policy = AttentionPolicy.dense()
-      try:
-        self.graphdef_dense = nnx.split(model, KMeansState, AttentionDensity, ...)[0]
-      finally:
-        model.attention_policy = policy
+  def __call__(self, model, x, timestep, cond):
+    context, token_mask = cond
+    b = x.shape[0]
+    if token_mask is None:
+      t = jnp.full((b,), timestep)
     else:
-      self.graphdef_dense = self.graphdef
-    self.states = {}
-    if self.device is None:
-      leaf = jax.tree.leaves(self.params)[0]
-      devices = getattr(leaf, "devices", lambda: set())()
-      self.device = next(iter(devices)) if devices else jax.devices()[0]
-      self._host_sharding = _memory_sharding(self.device, "pinned_host")
+      t = jnp.broadcast_to(token_mask * timestep, (b, token_mask.shape[0]))
+    return model(x, t, context)
 
-  # Host offload of the weights.
 
-  def _set_params(self, params) -> None:
-    self.params = params
-    nnx.update(self.model, params)
+def _i2v_input(latents, condition):
+  return jnp.concatenate([latents, condition], axis=1)
 
-  def to_host(self) -> None:
-    if not self.on_host:
-      if self._host_sharding is not None:
-        self._set_params(jax.device_put(self.params, self._host_sharding))
-      else:
-        self._set_params(jax.device_get(self.params))  # numpy copies
-      self.on_host = True
 
-  def to_device(self) -> None:
-    if self.on_host:
-      target = _memory_sharding(self.device, "device") or self.device
-      self._set_params(jax.device_put(self.params, target))
-      self.on_host = False
+def _first_frame_blend(latents, condition, mask):
+  return (1 - mask) * condition + mask * latents
 
-  # The forward (jitted once per graph, shared by both experts and by pipelines).
 
-  def forward(self, branch: str, x, timestep, context, guidance, *, dense: bool, mode: str,
-              expand: Optional[int]):
-    """Runs one DiT call, carrying the k-means state of `branch`; returns (out, density)."""
-    if dense:
-      kind, graphdef, state = "dense", self.graphdef_dense, None
-    else:
-      state = self.states.get(branch)
-      kind = "sparse-warm" if state is not None else "sparse-cold"
-      graphdef = self.graphdef
-    before = _TRACES["forward"]
-    out, new_state, density = _forward(self.params, self.empty, state, x, timestep, context,
-                                       guidance, graphdef=graphdef, mode=mode, kind=kind,
-                                       expand=expand)
-    if _TRACES["forward"] != before:
-      key = (kind, mode)
-      self.trace_counts[key] = self.trace_counts.get(key, 0) + _TRACES["forward"] - before
-    if not dense:
-      self.states[branch] = new_state
-    return out, density
+_i2v_input_jit = jax.jit(_i2v_input)
+_blend_jit = jax.jit(_first_frame_blend)
 
-  def write_back(self, branch: Optional[str]) -> None:
-    """Puts `branch`'s final k-means state into the model's KMeansState."""
-    if branch is not None and self.states.get(branch) is not None:
-      self.model.kmeans_state.set_value(self.states[branch])
+
+def _to_video(image, height: int, width: int) -> jax.Array:
+  """An I2V conditioning image -> [B, 3, H, W] float32 in [-1, 1].
+
+  Accepted: [H, W, 3] or [B, H, W, 3] uint8 (0..255) or float in [0, 1] (PIL / imageio
+  frames), or [B, 3, H, W] float in [-1, 1] (what diffusers' `VideoProcessor.preprocess`
+  returns). The size must already be height x width (no resizing here)."""
+  arr = np.asarray(image)
+  if arr.ndim == 3:
+    arr = arr[None]
+  if arr.ndim != 4:
+    raise ValueError(f"image must be [H, W, 3], [B, H, W, 3] or [B, 3, H, W], got shape "
+                     f"{arr.shape}")
+  if arr.shape[-1] == 3 and arr.shape[1] != 3:
+    if arr.dtype == np.uint8:
+      arr = arr.astype(np.float32) / 255.0
+    elif not np.issubdtype(arr.dtype, np.floating):
+      raise TypeError(f"image of dtype {arr.dtype}: expected uint8 or float in [0, 1]")
+    arr = np.transpose(arr.astype(np.float32), (0, 3, 1, 2)) * 2.0 - 1.0
+  elif arr.shape[1] == 3:
+    if not np.issubdtype(arr.dtype, np.floating):
+      raise TypeError(f"a [B, 3, H, W] image must be float in [-1, 1], got {arr.dtype}")
+    arr = arr.astype(np.float32)
+  else:
+    raise ValueError(f"image must have 3 channels, got shape {arr.shape}")
+  if arr.shape[2:] != (height, width):
+    raise ValueError(f"image is {arr.shape[2]} x {arr.shape[3]}, the video {height} x {width}: "
+                     f"resize it first")
+  if not np.isfinite(arr).all():
+    raise ValueError("image has non-finite values")
+  return jnp.asarray(arr)
 
 
 class WanPipeline:
-  """The Wan2.2 sampling loop on prompt embeddings (T2V-A14B, TI2V-5B; see module doc).
+  """The Wan2.2 pipeline (T2V-A14B, I2V-A14B, TI2V-5B; see module doc).
 
   Build with `WanPipeline.from_pretrained(folder)` (a diffusers Wan pipeline folder) or
   directly from models and a scheduler.
@@ -223,18 +149,22 @@ class WanPipeline:
     boundary_ratio: expert switch at t >= boundary_ratio * 1000; None -> `transformer` only.
     expand_timesteps: TI2V-5B per-token timesteps.
     vae_scale_factor_temporal, vae_scale_factor_spatial: latent compression (4, 8; TI2V-5B's
-      VAE: 4, 16).
+      VAE: 4, 16); taken from `vae` when it is given.
     offload_idle_expert: keep the expert not in use in host memory (pinned host memory
       where the device has it, else numpy copies) and move it in at the switch.
-    components: names of the optional components (tokenizer, text_encoder, vae) that the
-      source folder holds; they are not loaded, only named in errors.
+    tokenizer, text_encoder, vae: `Tokenizer`, `UMT5Encoder`, `WanVAE` (or None); with
+      `from_pretrained` they load from the folder on first use.
+    fps: frames per second of mp4 output (Wan's official: 16 for A14B, 24 for TI2V-5B;
+      default by model type).
   """
 
   def __init__(self, transformer: Union[WanTransformer, WanExpertPair], scheduler, *,
                transformer_2: Optional[WanTransformer] = None,
                boundary_ratio: Optional[float] = None, expand_timesteps: bool = False,
                vae_scale_factor_temporal: int = 4, vae_scale_factor_spatial: int = 8,
-               offload_idle_expert: bool = False, components: Sequence[str] = ()):
+               offload_idle_expert: bool = False, tokenizer=None, text_encoder=None,
+               vae=None, fps: Optional[float] = None,
+               _loaders: Optional[Dict[str, Any]] = None):
     if isinstance(transformer, WanExpertPair):
       if transformer_2 is not None:
         raise ValueError("pass either a WanExpertPair or transformer + transformer_2")
@@ -254,6 +184,16 @@ class WanPipeline:
         raise ValueError(f"boundary_ratio={boundary_ratio}: must be in (0, 1)")
     if transformer_2 is not None and boundary_ratio is None:
       raise ValueError("transformer_2 is given but boundary_ratio is None: it would never run")
+    cfg = transformer.config
+    if cfg.in_channels != cfg.out_channels and cfg.in_channels != 2 * cfg.out_channels + 4:
+      raise ValueError(f"transformer in/out channels {cfg.in_channels}/{cfg.out_channels}: "
+                       f"expected equal (T2V, TI2V) or 2 z + 4 (I2V)")
+    if vae is not None:
+      vae_scale_factor_temporal = vae.config.scale_factor_temporal
+      vae_scale_factor_spatial = vae.config.scale_factor_spatial
+      if vae.config.z_dim != cfg.out_channels:
+        raise ValueError(f"the VAE's z_dim {vae.config.z_dim} != the transformer's "
+                         f"out_channels {cfg.out_channels}")
     self.transformer = transformer
     self.transformer_2 = transformer_2
     self.scheduler = scheduler
@@ -264,23 +204,41 @@ class WanPipeline:
     self.vae_scale_factor_spatial = sampling.check_int("vae_scale_factor_spatial",
                                                        vae_scale_factor_spatial)
     self.offload_idle_expert = bool(offload_idle_expert)
-    self.components = tuple(components)
-    self._experts = {"transformer": _Expert("transformer", transformer)}
+    self.fps = float(fps) if fps is not None else (24.0 if self.expand_timesteps else 16.0)
+    self.parts = comp.Components(
+        dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae), _loaders or {},
+        "WanPipeline")
+    self.negative_cache = comp.PromptCache()
+    experts = {"transformer": transformer}
     if transformer_2 is not None:
-      self._experts["transformer_2"] = _Expert("transformer_2", transformer_2)
-    self._scheduler_traces = 0
-    if self.offload_idle_expert and transformer_2 is not None:
-      self._experts["transformer_2"].refresh()
-      self._experts["transformer_2"].to_host()
+      experts["transformer_2"] = transformer_2
+    self._denoiser = denoise.Denoiser(experts, scheduler, offload_idle=self.offload_idle_expert)
+
+  @property
+  def image_to_video(self) -> bool:
+    """I2V-A14B: the DiT input is [noise; mask; image latents] (in = 2 z + 4)."""
+    cfg = self.transformer.config
+    return cfg.in_channels != cfg.out_channels
+
+  @property
+  def components(self) -> Tuple[str, ...]:
+    """The optional components this pipeline has (loaded or loadable)."""
+    return self.parts.names
+
+  @property
+  def _experts(self) -> Dict[str, denoise.Expert]:
+    return self._denoiser.experts
 
   # Loading.
 
   @classmethod
   def from_pretrained(cls, path: PathLike, *, dtype: Any = jnp.bfloat16,
                       attention: AttentionLike = None, flow_shift: Optional[float] = None,
-                      offload_idle_expert: bool = False) -> "WanPipeline":
+                      offload_idle_expert: bool = False, vae_dtype: Any = jnp.float32,
+                      text_encoder_dtype: Any = None) -> "WanPipeline":
     """From a local diffusers Wan pipeline folder (`model_index.json`, `transformer/`
-    (+ `transformer_2/`), `scheduler/`); tokenizer, text encoder and VAE may be absent.
+    (+ `transformer_2/`), `scheduler/`); tokenizer, text encoder and VAE may be absent (a
+    call that needs one names it) and load on first use.
 
     Args:
       path: the folder; nothing is downloaded.
@@ -290,6 +248,8 @@ class WanPipeline:
       flow_shift: overrides the scheduler's shift (Wan2.2 T2V official: 12; the diffusers
         converter writes 3.0).
       offload_idle_expert: see the class doc.
+      vae_dtype: VAE weights / compute (diffusers' Wan examples keep the VAE in float32).
+      text_encoder_dtype: UMT5 weights / compute (default: `dtype`).
     """
     from models.wan import convert
 
@@ -324,71 +284,96 @@ class WanPipeline:
       vae = json.loads(vae_config.read_text(encoding="utf-8"))
       temporal = int(vae.get("scale_factor_temporal", temporal))
       spatial = int(vae.get("scale_factor_spatial", spatial))
+    loaders = {}
+    if present("vae"):
+      from models.wan.vae import WanVAE
+      loaders["vae"] = lambda: WanVAE.from_pretrained(root / "vae", dtype=vae_dtype)
+    if present("text_encoder"):
+      from models.wan.umt5 import UMT5Encoder
+      te_dtype = dtype if text_encoder_dtype is None else text_encoder_dtype
+      loaders["text_encoder"] = lambda: UMT5Encoder.from_pretrained(root / "text_encoder",
+                                                                    dtype=te_dtype)
+    if present("tokenizer"):
+      from models.tokenizer import Tokenizer
+      loaders["tokenizer"] = lambda: Tokenizer.from_pretrained(root / "tokenizer")
     boundary_ratio = index.get("boundary_ratio")
     return cls(transformer, scheduler, transformer_2=transformer_2,
                boundary_ratio=boundary_ratio,
                expand_timesteps=bool(index.get("expand_timesteps", False)),
                vae_scale_factor_temporal=temporal, vae_scale_factor_spatial=spatial,
-               offload_idle_expert=offload_idle_expert,
-               components=[n for n in OPTIONAL_COMPONENTS if present(n)])
+               offload_idle_expert=offload_idle_expert, _loaders=loaders)
 
   # Introspection.
 
   @property
   def trace_counts(self) -> Dict[Tuple[str, ...], int]:
     """How often each jitted function was traced: (expert, kind, cfg mode) -> n, with kind
-    "dense" | "sparse-cold" | "sparse-warm", and ("scheduler",) -> n."""
-    counts = {(name, *key): n for name, ex in self._experts.items()
-              for key, n in ex.trace_counts.items()}
-    counts[("scheduler",)] = self._scheduler_traces
-    return counts
+    as in `StepRecord.graph`, and ("scheduler",) -> n."""
+    return self._denoiser.trace_counts
 
   def latent_shape(self, batch: int, num_frames: int, height: int, width: int
                    ) -> Tuple[int, int, int, int, int]:
-    """(B, C_in, (F - 1) // 4 + 1, H / s, W / s), as diffusers' `prepare_latents`."""
+    """(B, z, (F - 1) // 4 + 1, H / s, W / s), as diffusers' `prepare_latents`."""
     s = self.vae_scale_factor_spatial
-    return (batch, self.transformer.config.in_channels,
+    return (batch, self.transformer.config.out_channels,
             (num_frames - 1) // self.vae_scale_factor_temporal + 1, height // s, width // s)
 
-  def _missing(self, name: str, why: str) -> Exception:
-    if name in self.components:
-      return NotImplementedError(f"{why} needs the {name}, which this JAX pipeline does not "
-                                 f"run: pass embeddings / use output_type='latent'")
-    return ValueError(f"{why} needs the {name}, which this pipeline does not have (absent "
-                      f"from the pipeline folder)")
+  # Text.
 
-  def _step(self, schedule, state, noise, latents):
-    before = _TRACES["scheduler"]
-    out = _scheduler_step(self.scheduler, schedule, state, noise, latents)
-    self._scheduler_traces += _TRACES["scheduler"] - before
-    return out
+  def encode_prompt(self, prompt: Union[str, Sequence[str]], *,
+                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> jax.Array:
+    """[B, max_sequence_length, 4096] embeddings of `prompt` (diffusers'
+    `_get_t5_prompt_embeds`: cleaned, tokenized, zero past each prompt's tokens)."""
+    from models.wan.text import encode_prompt
 
-  def _activate(self, expert: _Expert) -> None:
-    if self.offload_idle_expert:
-      for other in self._experts.values():
-        if other is not expert:
-          other.to_host()
-      expert.to_device()
+    prompts = comp.as_prompts("prompt", prompt)
+    why = "encoding a prompt"
+    return encode_prompt(prompts, tokenizer=self.parts.get("tokenizer", why),
+                         text_encoder=self.parts.get("text_encoder", why),
+                         max_sequence_length=max_sequence_length)
 
-  # The loop.
+  def _negative_embeds(self, negative_prompt, batch: int, max_sequence_length: int):
+    prompts = comp.as_prompts("negative_prompt", negative_prompt)
+    if len(prompts) == 1:
+      prompts = prompts * batch
+    if len(prompts) != batch:
+      raise ValueError(f"{len(prompts)} negative prompts for {batch} prompts")
+    key = (tuple(prompts), max_sequence_length)
+    return self.negative_cache.get(
+        key, lambda: self.encode_prompt(prompts, max_sequence_length=max_sequence_length))
 
-  def __call__(self, prompt_embeds: jax.Array, negative_prompt_embeds: Optional[jax.Array] = None,
-               *, height: int = 480, width: int = 832, num_frames: int = 81,
+  # The call.
+
+  def __call__(self, prompt_embeds: Optional[jax.Array] = None,
+               negative_prompt_embeds: Optional[jax.Array] = None, *,
+               prompt: Union[None, str, Sequence[str]] = None,
+               negative_prompt: Union[None, str, Sequence[str]] = None,
+               image=None, image_latents: Optional[jax.Array] = None,
+               height: int = 480, width: int = 832, num_frames: int = 81,
                num_inference_steps: int = 50, guidance_scale: float = 5.0,
                guidance_scale_2: Optional[float] = None, seed: Optional[int] = None,
                latents: Optional[jax.Array] = None, schedule: Optional[SvgEarSchedule] = None,
-               output_type: str = "latent", progress: bool = True,
+               output_type: str = "latent", output_path: Optional[PathLike] = None,
+               max_sequence_length: int = MAX_SEQUENCE_LENGTH, progress: bool = True,
                callback: Optional[sampling.Callback] = None, cfg_batch: bool = True,
                timings: bool = True) -> WanPipelineOutput:
-    """Denoises one batch of videos.
+    """Generates one batch of videos.
 
     Args:
       prompt_embeds: [B, L, text_dim] float text-encoder states (diffusers: zero-padded to
-        512 tokens).
-      negative_prompt_embeds: [B, L', text_dim]; required when CFG is on (diffusers would
-        encode "" with the text encoder). L' == L for `cfg_batch`.
+        512 tokens); or `prompt`.
+      negative_prompt_embeds: [B, L', text_dim]; or `negative_prompt`. With CFG and
+        neither, the negative prompt is "" (diffusers' default; `WAN_NEGATIVE_PROMPT` is
+        the official repo's), encoded once and cached across calls.
+      prompt, negative_prompt: str or list of B str (needs tokenizer + text_encoder).
+      image: I2V-A14B / TI2V-5B image conditioning (the first frame), height x width:
+        [H, W, 3] or [B, H, W, 3] uint8 / float in [0, 1], or [B, 3, H, W] in [-1, 1];
+        encoded with the VAE as diffusers does.
+      image_latents: instead of `image`, its normalised VAE latents: I2V-A14B
+        [B, z, F_lat, h, w] (the encoding of the image followed by F - 1 black frames),
+        TI2V-5B [B, z, 1, h, w] (the image alone).
       height, width: pixels, multiples of vae_scale_factor_spatial * patch (16 for Wan2.2
-        A14B).
+        A14B, 32 for TI2V-5B).
       num_frames: 4k + 1.
       num_inference_steps: N >= 1.
       guidance_scale: CFG scale of the high-noise expert (and of a single transformer);
@@ -397,10 +382,12 @@ class WanPipeline:
         a boundary_ratio.
       seed: JAX PRNG seed of the initial latents (default 0). JAX randoms: equal seeds do not
         give diffusers' torch latents; pass `latents` to compare.
-      latents: [B, C_in, F_lat, H_lat, W_lat] initial latents instead of `seed`.
+      latents: [B, z, F_lat, H_lat, W_lat] initial latents instead of `seed`.
       schedule: `SvgEarSchedule` (default `SvgEarSchedule()`: 20% dense warm-up steps;
         irrelevant for dense DiTs).
-      output_type: only "latent" (decoding needs the VAE).
+      output_type: "latent", "np" (decoded frames) or "mp4" (frames written to
+        `output_path`; B > 1 videos go to `stem_{i}.mp4`).
+      max_sequence_length: token length of encoded prompts.
       progress: tqdm bar with step time, dense/sparse and density.
       callback: `callback(record, latents)` after every step; may return new latents.
       cfg_batch: cond and uncond as one DiT batch of 2 (False: two calls, as diffusers).
@@ -414,9 +401,7 @@ class WanPipeline:
     schedule = SvgEarSchedule() if schedule is None else schedule
     if not isinstance(schedule, SvgEarSchedule):
       raise TypeError(f"schedule must be an SvgEarSchedule, got {type(schedule).__name__}")
-    schedule.require_supported()
-    if output_type != "latent":
-      raise self._missing("vae", f"output_type={output_type!r}")
+    comp.check_output_type(output_type, output_path)
     cfg = self.transformer.config
     num_inference_steps = sampling.check_int("num_inference_steps", num_inference_steps)
     num_frames = sampling.check_num_frames(num_frames, self.vae_scale_factor_temporal)
@@ -432,8 +417,17 @@ class WanPipeline:
       guidance_scale_2 = sampling.check_real("guidance_scale_2", guidance_scale_2)
     if self.boundary_ratio is not None and guidance_scale_2 is None:
       guidance_scale_2 = guidance_scale
-    prompt_embeds = sampling.check_embeddings("prompt_embeds", prompt_embeds, cfg.text_dim)
-    batch = prompt_embeds.shape[0]
+    max_sequence_length = sampling.check_int("max_sequence_length", max_sequence_length)
+    if (prompt is None) == (prompt_embeds is None):
+      raise ValueError("pass exactly one of prompt and prompt_embeds")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+      raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
+    if prompt is not None:
+      batch = len(comp.as_prompts("prompt", prompt))
+      self._require_text("prompt=")
+    else:
+      prompt_embeds = sampling.check_embeddings("prompt_embeds", prompt_embeds, cfg.text_dim)
+      batch = prompt_embeds.shape[0]
     if negative_prompt_embeds is not None:
       negative_prompt_embeds = sampling.check_embeddings(
           "negative_prompt_embeds", negative_prompt_embeds, cfg.text_dim, batch)
@@ -442,6 +436,19 @@ class WanPipeline:
     shape = self.latent_shape(batch, num_frames, height, width)
     if latents is not None:
       latents = sampling.check_latents(latents, shape)
+    if output_type != "latent":
+      self._require("vae", f"output_type={output_type!r}")
+
+    conditioning = self._conditioning_kind(image, image_latents)
+    if image is not None:
+      self._require("vae", "image=")
+      image = _to_video(image, height, width)
+      if image.shape[0] not in (1, batch):
+        raise ValueError(f"{image.shape[0]} images for a batch of {batch}")
+    if image_latents is not None:
+      frames = shape[2] if conditioning == "concat" else 1
+      image_latents = sampling.check_latents(image_latents,
+                                             (batch, shape[1], frames, *shape[3:]))
 
     sched = self.scheduler.set_timesteps(num_inference_steps)
     timesteps = np.asarray(sched.timesteps)
@@ -451,76 +458,131 @@ class WanPipeline:
     if not all(high) and self.transformer_2 is None:
       raise ValueError(f"steps below the boundary timestep {boundary} need transformer_2, "
                        f"which this pipeline does not have")
-    names = ["transformer" if h else "transformer_2" for h in high]
-    scales = [guidance_scale if h else guidance_scale_2 for h in high]
-    any_cfg = any(sampling.cfg_enabled(g) for g in scales)
-    if any_cfg and negative_prompt_embeds is None:
-      raise self._missing("text_encoder", "CFG without negative_prompt_embeds (diffusers "
-                          "encodes the empty prompt)")
-    if any_cfg and cfg_batch and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+    plan = denoise.StepPlan(
+        timesteps=timesteps,
+        experts=tuple("transformer" if h else "transformer_2" for h in high),
+        scales=tuple(guidance_scale if h else guidance_scale_2 for h in high),
+        dense=schedule.dense_flags(num_inference_steps))
+    if plan.any_cfg and negative_prompt_embeds is None:
+      self._require_text("CFG without negative_prompt_embeds (the empty negative prompt is "
+                         "encoded)")
+    if plan.any_cfg and cfg_batch and negative_prompt_embeds is not None and (
+        prompt_embeds is not None and
+        negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]):
       raise ValueError(f"prompt_embeds and negative_prompt_embeds have lengths "
                        f"{prompt_embeds.shape[1]} and {negative_prompt_embeds.shape[1]}: "
                        f"cfg_batch needs equal lengths (pad them, or cfg_batch=False)")
-    expand = None
+    token_count = None
     if self.expand_timesteps:
       if tuple(cfg.patch_size) != (1, 2, 2):
         raise ValueError(f"expand_timesteps takes every 2nd latent row / column (diffusers), "
                          f"which needs patch size (1, 2, 2), got {tuple(cfg.patch_size)}")
-      expand = shape[2] * (shape[3] // 2) * (shape[4] // 2)
-    dense_flags = schedule.dense_flags(num_inference_steps)
+      token_count = shape[2] * (shape[3] // 2) * (shape[4] // 2)
 
     # ---- device work
+    watch = comp.Stopwatch()
+    if prompt is not None:
+      prompt_embeds = watch.run("text_encoder", lambda: self.encode_prompt(
+          prompt, max_sequence_length=max_sequence_length))
+    if plan.any_cfg and negative_prompt_embeds is None:
+      negative_prompt_embeds = watch.run("text_encoder", lambda: self._negative_embeds(
+          "" if negative_prompt is None else negative_prompt, batch, max_sequence_length))
+    if plan.any_cfg and cfg_batch and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+      raise ValueError(f"prompt and negative prompt embeddings have lengths "
+                       f"{prompt_embeds.shape[1]} and {negative_prompt_embeds.shape[1]}: "
+                       f"cfg_batch needs equal lengths")
+    if image is not None:
+      image_latents = watch.run("image_encoder",
+                                lambda: self._encode_image(image, batch, shape, conditioning))
     if latents is None:
       latents = sampling.random_latents(0 if seed is None else seed, shape)
     dtype = cfg.dtype
-    cond = jnp.asarray(prompt_embeds).astype(dtype)
-    uncond = None if negative_prompt_embeds is None else (
-        jnp.asarray(negative_prompt_embeds).astype(dtype))
-    both = sampling.cfg_concat(cond, uncond) if any_cfg and cfg_batch else None
-    for ex in self._experts.values():
-      ex.refresh()
-    sched_dev = jax.device_put(sched)
-    state = self.scheduler.init_state(sched, shape)
-    log = sampling.StepLog(num_inference_steps, progress=progress, sync=timings,
-                           callback=callback)
-    previous = None
-    branch_used = {}
-    for i, t in enumerate(timesteps):
-      log.start_step()
-      ex = self._experts[names[i]]
-      if ex is not previous:
-        self._activate(ex)
-        if previous is not None and schedule.expert_switch == "carry" and (
-            previous.model.attention_policy == ex.model.attention_policy):
-          ex.states = dict(previous.states)
-        previous = ex
-      g = scales[i]
-      dense = dense_flags[i] or not ex.sparse
-      t_in = float(t)
-      if not sampling.cfg_enabled(g):
-        noise, density = ex.forward("cond", latents, t_in, cond, g, dense=dense,
-                                    mode="single", expand=expand)
-        branch_used[ex.name] = "cond"
-      elif cfg_batch:
-        noise, density = ex.forward("batch", latents, t_in, both, g, dense=dense,
-                                    mode="batch", expand=expand)
-        branch_used[ex.name] = "batch"
-      else:
-        out_c, d_c = ex.forward("cond", latents, t_in, cond, g, dense=dense, mode="single",
-                                expand=expand)
-        out_u, d_u = ex.forward("uncond", latents, t_in, uncond, g, dense=dense,
-                                mode="single", expand=expand)
-        noise, density = _combine(out_c, out_u, g), (d_c + d_u) / 2
-        branch_used[ex.name] = "cond"
-      latents, state = self._step(sched_dev, state, noise, latents)
-      latents = log.end_step(latents, density, index=i, timestep=int(t), expert=ex.name,
-                             dense=dense, guidance_scale=g)
-    for name, ex in self._experts.items():
-      ex.write_back(branch_used.get(name))
-    records = tuple(log.finish())
+    model_input, token_mask, blend = None, None, None
+    if conditioning == "concat":
+      condition = jnp.concatenate([_i2v_mask(shape), image_latents.astype(jnp.float32)], axis=1)
+      model_input = lambda x: _i2v_input_jit(x, condition)
+    elif conditioning == "first_frame":
+      mask = jnp.ones((1, 1, *shape[2:]), jnp.float32).at[:, :, 0].set(0.0)
+      image_f32 = image_latents.astype(jnp.float32)
+      blend = lambda x: _blend_jit(x, image_f32, mask)
+      model_input = blend
+      token_mask = mask[0, 0][:, ::2, ::2].reshape(-1)
+    if token_count is not None and token_mask is None:
+      token_mask = jnp.ones((token_count,), jnp.float32)
+    cond = (jnp.asarray(prompt_embeds).astype(dtype), token_mask)
+    uncond = both = None
+    if plan.any_cfg:
+      uncond = (jnp.asarray(negative_prompt_embeds).astype(dtype), token_mask)
+      if cfg_batch:
+        both = (sampling.cfg_concat(cond[0], uncond[0]), token_mask)
+    loop = self._denoiser.run_timed(
+        watch, plan, latents, call=WanCall(), cond=cond, uncond=uncond, both=both,
+        schedule=schedule, scheduler_schedule=sched, cfg_batch=cfg_batch,
+        model_input=model_input, progress=progress, callback=callback, timings=timings)
+    result, records = loop.latents, loop.records
+    final = result if blend is None else blend(result)
+    frames, paths = None, ()
+    if output_type != "latent":
+      vae = self.parts.get("vae", f"output_type={output_type!r}")
+      video = watch.run("vae_decode", lambda: vae.decode(final))
+      frames = comp.postprocess_video(video)
+      if output_type == "mp4":
+        paths = tuple(watch.run("mp4", lambda: comp.write_videos(frames, output_path,
+                                                                 self.fps)))
     return WanPipelineOutput(
-        latents=latents, timesteps=timesteps,
-        step_seconds=np.array([r.seconds for r in records], np.float64),
-        step_density=np.array([r.density for r in records], np.float64),
-        step_dense=np.array([r.dense for r in records], bool),
-        step_expert=tuple(r.expert for r in records), records=records)
+        latents=final, timesteps=timesteps, **denoise.step_arrays(records),
+        step_expert=tuple(r.expert for r in records), records=records, frames=frames,
+        video_paths=paths, seconds=dict(watch.seconds))
+
+  # Helpers.
+
+  def _require(self, name: str, why: str) -> None:
+    if not self.parts.has(name):
+      raise comp.MissingComponentError(
+          f"{why} needs the {name}, which this pipeline does not have (absent from the "
+          f"pipeline folder; pass it to WanPipeline(...))")
+
+  def _require_text(self, why: str) -> None:
+    missing = [n for n in ("text_encoder", "tokenizer") if not self.parts.has(n)]
+    if missing:
+      raise comp.MissingComponentError(
+          f"{why} needs the {' and the '.join(missing)}, which this pipeline does not have "
+          f"(absent from the pipeline folder; pass embeddings, or the components to "
+          f"WanPipeline(...))")
+
+  def _conditioning_kind(self, image, image_latents) -> Optional[str]:
+    """None (text only), "concat" (I2V-A14B) or "first_frame" (TI2V-5B with an image)."""
+    if image is not None and image_latents is not None:
+      raise ValueError("pass either image or image_latents, not both")
+    given = image is not None or image_latents is not None
+    if self.image_to_video:
+      if not given:
+        raise ValueError(f"this transformer takes {self.transformer.config.in_channels} "
+                         f"input channels (I2V): pass image= or image_latents=")
+      return "concat"
+    if given:
+      if not self.expand_timesteps:
+        raise ValueError("image conditioning needs an I2V transformer (in = 2 z + 4 "
+                         "channels) or TI2V-5B (expand_timesteps)")
+      return "first_frame"
+    return None
+
+  def _encode_image(self, image, batch: int, shape, conditioning: str) -> jax.Array:
+    vae = self.parts.get("vae", "image=")
+    video = image[:, :, None]
+    if conditioning == "concat":  # the image, then F - 1 black frames, as diffusers
+      num_frames = (shape[2] - 1) * self.vae_scale_factor_temporal + 1
+      video = jnp.concatenate(
+          [video, jnp.zeros((video.shape[0], 3, num_frames - 1, *video.shape[3:]),
+                            video.dtype)], axis=2)
+    z = vae.encode(video.astype(vae.config.dtype)).astype(jnp.float32)
+    if z.shape[0] != batch:
+      z = jnp.repeat(z, batch, axis=0)
+    return z
+
+
+def _i2v_mask(shape) -> jax.Array:
+  """[B, 4, F_lat, h, w] I2V-A14B mask channels: 1 on the first latent frame (the image's 4
+  temporal slots, diffusers' repeat of frame 0), 0 after."""
+  b, _, f, h, w = shape
+  return jnp.zeros((b, 4, f, h, w), jnp.float32).at[:, :, 0].set(1.0)

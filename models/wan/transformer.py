@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from models import layers, parallel
 from models.attention import (AttentionDensity, AttentionLike, AttentionPolicy, KMeansState,
                               SparseAttentionMixin, matching_state, svg_ear_self_attention)
 from models.wan.config import WanConfig
@@ -92,7 +92,7 @@ class WanBlock(nnx.Module):
     return x
 
 
-class WanTransformer(SparseAttentionMixin, nnx.Module):
+class WanTransformer(SparseAttentionMixin, parallel.SequenceParallelMixin, nnx.Module):
   """Wan2.2 DiT: `[B, C, F, H, W]` noisy latents -> `[B, C_out, F, H, W]` flow prediction.
 
   Covers T2V-A14B and I2V-A14B (one expert each; see `WanExpertPair`) and TI2V-5B
@@ -118,10 +118,20 @@ class WanTransformer(SparseAttentionMixin, nnx.Module):
   0.9 s vs 5.7 s at 40 layers; equal run times). Scan traces and compiles one block
   whatever the depth and has less per-call overhead; each layer's SVG-EAR state is the
   scan's per-layer input and output.
+
+  `mesh` (or `set_mesh`): Ulysses sequence parallelism over a `jax.sharding.Mesh` with a
+  "seq" axis (num_heads divisible by its size) and optionally a "data" axis for the batch
+  (see models/parallel.py). The block stack runs in one `shard_map`, tokens sharded
+  (padded to a multiple of the "seq" size), with one all-to-all of q|k|v before and one
+  of the output after each self-attention; the k-means state is sharded by head. None:
+  the single-device program.
   """
 
+  _block_stacks = ("blocks",)
+
   def __init__(self, cfg: WanConfig, *, attention: AttentionLike = None,
-               rngs: Optional[nnx.Rngs] = None):
+               rngs: Optional[nnx.Rngs] = None, mesh: Optional[jax.sharding.Mesh] = None,
+               fsdp: bool = False):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     d = cfg.dim
     self.config = cfg
@@ -149,6 +159,9 @@ class WanTransformer(SparseAttentionMixin, nnx.Module):
         jax.random.normal(rngs.params(), (1, 2, d), jnp.float32) / d**0.5)
     self.kmeans_state = KMeansState(None)
     self.attention_density = AttentionDensity(None)
+    self.seq_parallel = None
+    if mesh is not None:
+      self.set_mesh(mesh, fsdp=fsdp)
 
   def _grid(self, shape) -> Tuple[int, int, int]:
     cfg = self.config
@@ -219,37 +232,93 @@ class WanTransformer(SparseAttentionMixin, nnx.Module):
     cfg = self.config
     graphdef, params = nnx.split(self.blocks)
     n_dense = self.attention_policy.num_dense(cfg.num_layers)
+    state = None
+    if n_dense < cfg.num_layers:
+      svg_ear = self.attention_policy.svg_ear
+      lead = (cfg.num_layers - n_dense, x.shape[0], cfg.num_heads)
+      state = matching_state(self.kmeans_state.get_value(),
+                             (*lead, svg_ear.num_q_clusters, cfg.head_dim),
+                             (*lead, svg_ear.num_k_clusters, cfg.head_dim))
+    if self.seq_parallel is None:
+      x, new_state, density = self._block_stack(graphdef, params, x, context, e, rope, state)
+    else:
+      x, new_state, density = self._block_stack_sharded(graphdef, params, x, context, e, rope,
+                                                        state)
+    if n_dense < cfg.num_layers:
+      self.kmeans_state.set_value(new_state)
+      self.attention_density.set_value(density)
+    return x
+
+  def _block_stack_sharded(self, graphdef, params, x, context, e, rope, state):
+    """`_block_stack` in one shard_map over `self.seq_parallel`: tokens (and per-token
+    e, RoPE) padded to a multiple of the "seq" size and sharded, the batch over "data";
+    returns the full unpadded x [B, L, D]."""
+    sp = self.seq_parallel
+    b, n = x.shape[:2]
+    uly = sp.ulysses(num_heads=self.config.num_heads, batch=b, num_tokens=n)
+    n_pad = sp.padded(n)
+    x = sp.pad(x, n_pad, axis=1)
+    rope = tuple(sp.pad(t, n_pad, axis=0) for t in rope)
+    e_spec = sp.spec("d")
+    if e.ndim == 4:  # per-token timesteps
+      e, e_spec = sp.pad(e, n_pad, axis=1), sp.spec("ds")
+    param_specs = sp.weight_specs(params)
+    state_spec = sp.spec(".ds")
+
+    def body(params, x, context, e, rope, state):
+      x, new_state, density = self._block_stack(graphdef, params, x, context, e, rope, state,
+                                                uly, lambda p: sp.gather_layer(p, param_specs))
+      return jax.lax.all_gather(x, parallel.SEQ, axis=1, tiled=True), new_state, density
+
+    run = parallel.shard_map(
+        body, sp.mesh,
+        in_specs=(param_specs, sp.spec("ds"), sp.spec("d"), e_spec, sp.spec("s"), state_spec),
+        out_specs=(sp.spec("d"), state_spec, state_spec))
+    x, new_state, density = run(params, x, context, e, rope, state)
+    return x[:, :n], new_state, density
+
+  def _block_stack(self, graphdef, params, x, context, e, rope, state,
+                   ulysses: Optional[parallel.Ulysses] = None,
+                   gather: Optional[Callable] = None):
+    """The scanned blocks: dense prefix, then SVG-EAR warm-started from `state` (stacked
+    over the sparse layers, None = cold). Returns (x, new state, density), the last two
+    None when every layer is dense.
+
+    `ulysses` (inside the shard_map of `_block_stack_sharded`): x is this device's token
+    shard and each self-attention core runs between the all-to-alls on its heads;
+    `gather` all-gathers one layer's FSDP-sharded weights.
+    """
+    cfg = self.config
+    n_dense = self.attention_policy.num_dense(cfg.num_layers)
 
     def run_layer(i, x, attention_fn):
-      block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+      layer = jax.tree.map(lambda a: a[i], params)
+      if gather is not None:
+        layer = gather(layer)
+      block = nnx.merge(graphdef, layer)
       return block(x, context, e, rope, attention_fn)
 
+    dense_fn = dense_attention if ulysses is None else ulysses.wrap(dense_attention)
     if n_dense:
-      x, _ = jax.lax.scan(lambda x, i: (run_layer(i, x, dense_attention), None), x,
+      x, _ = jax.lax.scan(lambda x, i: (run_layer(i, x, dense_fn), None), x,
                           jnp.arange(n_dense))
     if n_dense == cfg.num_layers:
-      return x
+      return x, None, None
 
     svg_ear = self.attention_policy.svg_ear
-    n_sparse = cfg.num_layers - n_dense
-    lead = (n_sparse, x.shape[0], cfg.num_heads)
-    state = matching_state(self.kmeans_state.get_value(),
-                           (*lead, svg_ear.num_q_clusters, cfg.head_dim),
-                           (*lead, svg_ear.num_k_clusters, cfg.head_dim))
+    svg_ear_fn = svg_ear_self_attention if ulysses is None else ulysses.svg_ear
 
     def sparse_layer(x, xs):
       i, layer_state = xs
       aux = {}
 
       def attention_fn(q, k, v):
-        out, aux["state"], aux["density"] = svg_ear_self_attention(q, k, v, svg_ear, layer_state)
+        out, aux["state"], aux["density"] = svg_ear_fn(q, k, v, svg_ear, layer_state)
         return out
 
-      x = run_layer(i, x, attention_fn)
+      x = run_layer(i, x, attention_fn if ulysses is None else ulysses.wrap(attention_fn))
       return x, (aux["state"], aux["density"])
 
     x, (new_state, density) = jax.lax.scan(
         sparse_layer, x, (jnp.arange(n_dense, cfg.num_layers), state))
-    self.kmeans_state.set_value(new_state)
-    self.attention_density.set_value(density)
-    return x
+    return x, new_state, density

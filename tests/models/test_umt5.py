@@ -266,8 +266,9 @@ def test_loader_errors(tmp_path):
   (good / "config.json").unlink()
   with pytest.raises(cc.CheckpointError, match="no config.json"):
     load_umt5(good)
+  (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
   with pytest.raises(cc.CheckpointError, match="not supported"):
-    load_umt5(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    load_umt5(tmp_path / "pytorch_model.bin")  # Wan's .pth is: see test_original_layouts
   t5 = export(model, tmp_path / "t5", model_type="t5")
   with pytest.raises(cc.CheckpointError, match="expected 'umt5'"):
     load_umt5(t5)

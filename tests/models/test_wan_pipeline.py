@@ -201,6 +201,36 @@ def test_sparse_schedule_flags_density_traces():
   np.testing.assert_allclose(again.step_density, out.step_density)
 
 
+def test_kmeans_during_dense_steps():
+  """The reference's zero_step_kmeans_init: dense steps keep the dense result exactly and
+  leave centroids behind, so the first sparse step of each expert starts warm."""
+  pipe = _jax_pipeline(attention=SPARSE)
+  lat, pe, ne = _inputs(seed=10)
+  # 3 dense steps: 2 of the high-noise expert, 1 of the low-noise one, then 3 sparse ones.
+  schedule = SvgEarSchedule(dense_steps=3, kmeans_during_dense=True)
+  plain = _run(pipe, lat, pe, ne, schedule=SvgEarSchedule(dense_steps=3))
+  warm = _run(pipe, lat, pe, ne, schedule=schedule)
+  assert warm.step_dense.tolist() == [True] * 3 + [False] * 3
+  np.testing.assert_array_equal(warm.step_density[:3], 1.0)
+  assert [r.graph for r in warm.records] == [
+      "dense-kmeans-cold", "dense-kmeans-warm",  # high-noise expert
+      "dense-kmeans-cold", "sparse-warm", "sparse-warm", "sparse-warm"]  # low-noise expert
+  assert [r.graph for r in plain.records] == ["dense"] * 3 + ["sparse-cold"] + [
+      "sparse-warm"] * 2
+  counts = pipe.trace_counts
+  before = dict(counts)
+  _run(pipe, lat, pe, ne, schedule=schedule)
+  assert pipe.trace_counts == before  # no retrace
+  assert not np.array_equal(np.asarray(plain.latents), np.asarray(warm.latents))
+  # the dense steps are exactly dense: equal latents after an all-dense run of both kinds
+  every = [_run(pipe, lat, pe, ne, schedule=SvgEarSchedule(dense_steps=1.0,
+                                                           kmeans_during_dense=k))
+           for k in (False, True)]
+  np.testing.assert_array_equal(np.asarray(every[0].latents), np.asarray(every[1].latents))
+  state = pipe.transformer.kmeans_state.get_value()
+  assert state is not None and np.isfinite(np.asarray(state.q_centroids)).all()
+
+
 def test_carry_copies_centroids_across_the_switch():
   pipe = _jax_pipeline(attention=SPARSE)
   lat, pe, ne = _inputs(seed=7)
@@ -260,8 +290,6 @@ def test_callback_can_replace_latents(dense_pipe):
     (dict(ne=None), ValueError, "text_encoder"),
     (dict(lat=np.zeros((1, 4, 3, 8, 8), np.float32)), ValueError, "latents have shape"),
     (dict(seed=1), ValueError, "seed or latents"),
-    (dict(schedule=SvgEarSchedule(kmeans_during_dense=True)), NotImplementedError,
-     "zero_step_kmeans_init"),
     (dict(output_type="np"), ValueError, "vae"),
 ])
 def test_validation(dense_pipe, change, error, match):

@@ -129,3 +129,77 @@ def torch_forward(model, x, t, ctx) -> np.ndarray:
     out = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
                 return_dict=False)[0]
   return out.numpy()
+
+
+def _latent_stats(z: int) -> dict:
+  return dict(latents_mean=[0.1 * ((7 * i) % 11 - 5) for i in range(z)],
+              latents_std=[0.5 + 0.05 * ((5 * i) % 13) for i in range(z)])
+
+
+def tiny_diffusers_vae(kind: str, seed: int):
+  """A tiny diffusers AutoencoderKLWan whose z_dim is the tiny DiT `kind`'s latent channels:
+  Wan2.1-style (scale 8) for t2v / i2v, Wan2.2-style (patch 2, scale 16) for ti2v, with
+  non-trivial norm gammas and latent statistics (needs torch and diffusers)."""
+  import diffusers
+  import torch
+
+  z = CHANNELS[kind][1]
+  if kind == "ti2v":
+    kw = dict(base_dim=3, decoder_base_dim=4, z_dim=z, in_channels=12, out_channels=12,
+              is_residual=True, patch_size=2, scale_factor_spatial=16)
+  else:
+    kw = dict(base_dim=3, z_dim=z)
+  torch.manual_seed(seed)
+  vae = diffusers.AutoencoderKLWan(**kw, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True],
+                                   **_latent_stats(z)).eval()
+  with torch.no_grad():
+    for key, p in vae.named_parameters():
+      if key.endswith("gamma"):
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+  return vae
+
+
+def unipc_flow_scheduler(shift: float = 3.0):
+  import diffusers
+
+  return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                           use_flow_sigmas=True, flow_shift=shift)
+
+
+def tiny_text_pipeline(folder: Path, tokenizer_folder: Path):
+  """A diffusers WanPipeline with a tiny UMT5 (d_model = the DiT's text_dim 16), the local
+  tokenizer saved at `tokenizer_folder`, a tiny VAE and one DiT, saved at `folder`; returns
+  the pipeline (needs torch, diffusers and transformers)."""
+  import diffusers
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=160, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+  pipe = diffusers.WanPipeline(
+      tokenizer=transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder)),
+      text_encoder=umt5, vae=tiny_diffusers_vae("t2v", 4), scheduler=unipc_flow_scheduler(),
+      transformer=tiny_diffusers_transformer("t2v", 0))
+  pipe.set_progress_bar_config(disable=True)
+  pipe.save_pretrained(folder)
+  return pipe
+
+
+def write_jax_pipeline(folder: Path, model: WanTransformer, *, shift: float = 3.0) -> Path:
+  """A diffusers-layout Wan pipeline folder (model_index.json, transformer/, scheduler/)
+  written from a JAX model with NumPy only: no torch needed."""
+  folder.mkdir(parents=True, exist_ok=True)
+  export_numpy_checkpoint(model, folder / "transformer", num_shards=1)
+  (folder / "scheduler").mkdir(exist_ok=True)
+  (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+      {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+       "use_flow_sigmas": True, "flow_shift": shift}))
+  (folder / "model_index.json").write_text(json.dumps(
+      {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+       "scheduler": ["diffusers", "UniPCMultistepScheduler"], "vae": [None, None],
+       "text_encoder": [None, None], "tokenizer": [None, None], "transformer_2": [None, None],
+       "boundary_ratio": None, "expand_timesteps": False}))
+  return folder
