@@ -3,6 +3,7 @@ text encoders, VAEs), a bounded cache of encoded prompts, video post-processing 
 diffusers' `VideoProcessor` does it, and mp4 output."""
 
 import collections
+import json
 import pathlib
 import time
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
@@ -15,6 +16,29 @@ from models import video_io
 
 PathLike = Union[str, pathlib.Path]
 OUTPUT_TYPES = ("latent", "np", "mp4")
+
+
+class PipelineFolder:
+  """A local diffusers pipeline folder: its `model_index.json` and which components it
+  holds (an index entry that is not [None, None] and a folder of that name)."""
+
+  def __init__(self, path: PathLike):
+    self.root = pathlib.Path(path)
+    index_path = self.root / "model_index.json"
+    if not index_path.is_file():
+      raise FileNotFoundError(f"{self.root}: no model_index.json (not a diffusers pipeline "
+                              f"folder)")
+    self.index = json.loads(index_path.read_text(encoding="utf-8"))
+
+  def has(self, name: str) -> bool:
+    entry = self.index.get(name)
+    return (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+            and (self.root / name).is_dir())
+
+  def require(self, *names: str) -> None:
+    for name in names:
+      if not self.has(name):
+        raise FileNotFoundError(f"{self.root}: the pipeline has no {name}/ (required)")
 
 
 class MissingComponentError(ValueError):

@@ -166,20 +166,9 @@ class HunyuanVideoPipeline:
     """
     from models.hunyuan import convert
 
-    root = pathlib.Path(path)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-      raise FileNotFoundError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-
-    def present(name):
-      entry = index.get(name)
-      return (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
-              and (root / name).is_dir())
-
-    for required in ("transformer", "scheduler"):
-      if not present(required):
-        raise FileNotFoundError(f"{root}: the pipeline has no {required}/ (required)")
+    folder = comp.PipelineFolder(path)
+    folder.require("transformer", "scheduler")
+    root, present = folder.root, folder.has
     transformer = convert.from_pretrained(root / "transformer", dtype=dtype,
                                           attention=attention)
     overrides = {}

@@ -214,16 +214,7 @@ def load_converted(folder: os.PathLike, *, config: Optional[HunyuanVAEConfig] = 
   marker = cc.read_marker(folder, FORMAT, FORMAT_VERSION)
   if marker is None:
     raise cc.CheckpointError(f"{folder}: not a converted HunyuanVideo VAE (no {cc.MARKER})")
-  try:
-    stored = HunyuanVAEConfig.from_dict(marker["config"])
-  except (KeyError, TypeError, ValueError) as err:
-    raise cc.CheckpointError(f"{folder / cc.MARKER}: bad config: {err}") from err
-  cfg = stored
-  if config is not None:
-    cc.check_variant(stored, config, "config", folder)
-    cfg = config
-  cfg = (cfg.with_dtype(cc.parse_dtype(dtype)) if dtype is not None else
-         cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype))
+  cfg = cc.stored_config(marker, HunyuanVAEConfig, folder, config, dtype)
   return cc.restore_params(_abstract(cfg), folder / cc.PARAMS_DIR, device=device)
 
 

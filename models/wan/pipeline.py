@@ -253,21 +253,9 @@ class WanPipeline:
     """
     from models.wan import convert
 
-    root = pathlib.Path(path)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-      raise FileNotFoundError(f"{root}: no model_index.json (not a diffusers pipeline folder)")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-
-    def present(name):
-      entry = index.get(name)
-      return (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
-              and (root / name).is_dir())
-
-    if not present("transformer"):
-      raise FileNotFoundError(f"{root}: the pipeline has no transformer/ (required)")
-    if not present("scheduler"):
-      raise FileNotFoundError(f"{root}: the pipeline has no scheduler/ (required)")
+    folder = comp.PipelineFolder(path)
+    folder.require("transformer", "scheduler")
+    root, index, present = folder.root, folder.index, folder.has
     kw = dict(dtype=dtype, attention=attention)
     transformer = convert.from_pretrained(root / "transformer", **kw)
     transformer_2 = (convert.from_pretrained(root / "transformer_2", **kw)
