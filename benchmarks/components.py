@@ -1,4 +1,5 @@
-"""The non-DiT components at full size with random weights: VAE decode / encode, UMT5-XXL.
+"""The non-DiT components at full size with random weights: VAE decode / encode, UMT5-XXL,
+HunyuanVideo's Llama and CLIP text encoders.
 
 On the GPU (one H200; each case runs in its own subprocess, twice: see "Memory" below):
 
@@ -25,6 +26,16 @@ Sections (`--only` takes sections and/or case ids, comma-separated):
   umt5        UMT5-XXL (vocab 256384, d_model 4096, d_ff 10240, 64 heads, 24 layers; 5.7 B
               parameters, 11.4 GB in bf16): 512 tokens, batch 1 (the prompt) and batch 2
               (prompt + negative prompt).
+  llama       HunyuanVideo's text encoder, the LLaVA-Llama-3-8B language model
+              (`LlamaConfig.llava_llama3_8b`), built with only the 30 layers
+              hidden_states[-3] needs, as the pipeline loads it (7.1 B parameters, 14.1 GB
+              in bf16): what `hunyuan.text.encode_prompt` runs, 256 prompt tokens + the
+              template's 95 (351, right padding), hidden_states[-3], the 95 cropped; batch 1
+              and 2.
+  clip        HunyuanVideo's CLIP-L text encoder (`CLIPTextConfig.clip_l`): 77 tokens, no
+              mask, the pooled output; batch 1 and 2.
+The pipeline runs the text encoders in its DiT dtype (bf16 by default); times are ms-scale,
+so rows also carry `warm_ms`.
 
 Weights are random (a counter hash per parameter, lecun-scaled kernels, unit norm scales, zero
 biases), built in one jitted program from `nnx.eval_shape` of the module, so that no float32
@@ -71,7 +82,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_BYTES = 80e9
 DTYPES = {"bf16": "bfloat16", "f32": "float32"}
-SECTIONS = ("vae-wan21", "vae-wan22", "vae-hunyuan", "umt5")
+SECTIONS = ("vae-wan21", "vae-wan22", "vae-hunyuan", "umt5", "llama", "clip")
+ENCODER_KINDS = ("umt5", "llama", "clip")  # kinds of one encoder call per batch size
 
 # Shapes, [B, C, F, H, W]. "full" is the issue's; "smoke" runs in seconds on a CPU.
 SHAPES = {
@@ -82,6 +94,8 @@ SHAPES = {
         "wan2.1-image": (1, 3, 1, 720, 1280),
         "wan2.1-i2v": (1, 3, 81, 720, 1280),
         "umt5": dict(length=512, batches=(1, 2)),
+        "llama": dict(tokens=256, crop_start=95, batches=(1, 2)),  # hunyuan.text's
+        "clip": dict(length=77, batches=(1, 2)),
     },
     # smoke: each tiled input splits into tiles of the untiled input's shape, so that the
     # tiled cases reuse its compiled programs (compiling is what takes the time on a CPU)
@@ -97,6 +111,8 @@ SHAPES = {
         "wan2.1-image": (1, 3, 1, 64, 64),
         "wan2.1-i2v": (1, 3, 9, 64, 64),
         "umt5": dict(length=16, batches=(1, 2)),
+        "llama": dict(tokens=16, crop_start=8, batches=(1, 2)),
+        "clip": dict(length=16, batches=(1, 2)),
     },
 }
 
@@ -107,8 +123,8 @@ class Case:
 
   id: str  # "<section>/<what>-<dtype>"
   section: str
-  kind: str  # "wan-decode" | "wan-encode" | "hunyuan-decode" | "umt5"
-  model: str  # "wan2.1" | "wan2.2" | "hunyuan" | "umt5-xxl"
+  kind: str  # "wan-decode" | "wan-encode" | "hunyuan-decode" | "umt5" | "llama" | "clip"
+  model: str  # "wan2.1" | "wan2.2" | "hunyuan" | "umt5-xxl" | "llava-llama-3-8b" | "clip-l"
   dtype: str  # key of DTYPES
   tiling: str = "-"  # "none" | "spatial" | "temporal" | "spatial+temporal" | "-"
 
@@ -125,6 +141,8 @@ def all_cases(dtypes) -> List[Case]:
       cases.append(Case(f"vae-hunyuan/decode-{t}-{d}", "vae-hunyuan", "hunyuan-decode",
                         "hunyuan", d, t))
     cases.append(Case(f"umt5/encode-{d}", "umt5", "umt5", "umt5-xxl", d))
+    cases.append(Case(f"llama/encode-{d}", "llama", "llama", "llava-llama-3-8b", d))
+    cases.append(Case(f"clip/encode-{d}", "clip", "clip", "clip-l", d))
   order = {s: i for i, s in enumerate(SECTIONS)}
   return sorted(cases, key=lambda c: order[c.section])  # stable: dtypes stay in order
 
@@ -197,6 +215,25 @@ def _umt5_config(smoke: bool, dtype):
     return UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       dtype=dtype)
   return UMT5Config.umt5_xxl(dtype=dtype)
+
+
+def _llama_config(smoke: bool, dtype):
+  from models.hunyuan.llama import LlamaConfig
+
+  if smoke:  # tests/models/test_hunyuan_text.py's LLAMA
+    return LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       rope_theta=500000.0, dtype=dtype)
+  return LlamaConfig.llava_llama3_8b(dtype=dtype)
+
+
+def _clip_config(smoke: bool, dtype):
+  from models.hunyuan.clip import CLIPTextConfig
+
+  if smoke:  # tests/models/test_hunyuan_text.py's CLIP
+    return CLIPTextConfig(vocab_size=200, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, dtype=dtype)
+  return CLIPTextConfig.clip_l(dtype=dtype)
 
 
 def _hash_values(n: int, seed: int):
@@ -313,7 +350,7 @@ def _timed(fn, iters: int, kind: str) -> Dict[str, Any]:
   first = time.perf_counter() - t0
   after_first = _mem()
   row = dict(first_call_s=first,
-             traces=_trace_count(kind) - traces if kind != "umt5" else None,
+             traces=_trace_count(kind) - traces if kind not in ENCODER_KINDS else None,
              output_shape=list(out.shape), output_dtype=str(out.dtype),
              bytes_in_use_before_gb=_gb(before["bytes_in_use"]),
              peak_after_first_call_gb=_gb(after_first["peak_bytes_in_use"]),
@@ -322,7 +359,7 @@ def _timed(fn, iters: int, kind: str) -> Dict[str, Any]:
   del out
   if iters > 0:
     ms, method = timing.measure_ms(fn, iterations=iters, warmup=0, wallclock=True)
-    row.update(warm_s=ms / 1e3, warm_iters=iters, timing=method)
+    row.update(warm_s=ms / 1e3, warm_ms=ms, warm_iters=iters, timing=method)
     row["peak_after_warm_gb"] = _gb(_mem()["peak_bytes_in_use"])
   return row
 
@@ -449,6 +486,45 @@ def run_case(case: Case, smoke: bool, iters: int, emit) -> None:
       mask = (jnp.arange(length)[None, :] < jnp.asarray(real)[:, None]).astype(jnp.int32)
       row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
       row.update(_timed(lambda: fwd(state, ids, mask), iters, case.kind))
+      emit(row)
+    return
+
+  if case.kind == "llama":
+    from models.hunyuan.llama import LlamaEncoder, resolve_hidden_state_index
+    from models.hunyuan.text import LLAMA_HIDDEN_STATE
+
+    cfg = _llama_config(smoke, dtype)
+    keep = resolve_hidden_state_index(LLAMA_HIDDEN_STATE, cfg.num_hidden_layers)
+    model, info = build(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0), num_layers=keep))
+    base.update(info, config=f"{cfg.describe()}, first {keep} layers (hidden_states"
+                             f"[{LLAMA_HIDDEN_STATE}])")
+    graphdef, state = nnx.split(model)
+    tokens, start = shapes["llama"]["tokens"], shapes["llama"]["crop_start"]
+    length = tokens + start  # encode_prompt: template + prompt, then the template cropped
+    fwd = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(
+        ids, mask, hidden_state_index=LLAMA_HIDDEN_STATE)[:, start:])
+    for batch in shapes["llama"]["batches"]:
+      ids = jax.random.randint(jax.random.key(batch), (batch, length), 2, cfg.vocab_size)
+      real = [start + max(1, tokens * 3 // 16), start + max(1, tokens // 4)][:batch]
+      mask = (jnp.arange(length)[None, :] < jnp.asarray(real)[:, None]).astype(jnp.int32)
+      row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
+      row.update(_timed(lambda: fwd(state, ids, mask), iters, case.kind))
+      emit(row)
+    return
+
+  if case.kind == "clip":
+    from models.hunyuan.clip import CLIPTextEncoder
+
+    cfg = _clip_config(smoke, dtype)
+    model, info = build(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0)))
+    base.update(info, config=cfg.describe())
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids).pooler_output)  # as text.py
+    length = shapes["clip"]["length"]
+    for batch in shapes["clip"]["batches"]:
+      ids = jax.random.randint(jax.random.key(batch), (batch, length), 0, cfg.vocab_size)
+      row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
+      row.update(_timed(lambda: fwd(state, ids), iters, case.kind))
       emit(row)
     return
   raise ValueError(f"unknown case kind {case.kind!r}")
@@ -601,7 +677,7 @@ def _markdown(meta, rows) -> str:
     lines.append(
         f"| {r['case']} | {r.get('op', '')} | {shape(r.get('input_shape'))} | "
         f"{shape(r.get('output_shape'))} | {r.get('dtype', '')} | {r.get('tiling', '')} | "
-        f"{fmt(r.get('first_call_s'), '.1f')} | {fmt(r.get('warm_s'), '.2f')} | {peak} | "
+        f"{fmt(r.get('first_call_s'), '.1f')} | {fmt(r.get('warm_s'), '.3f')} | {peak} | "
         f"{fmt(r.get('weights_gb'), '.2f')} | {'' if fits is None else ('yes' if fits else 'NO')} "
         f"| {status} |")
   lines += ["", "first call: trace + compile + run; warm: median of the warm calls; peak: "

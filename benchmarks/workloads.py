@@ -79,7 +79,8 @@ def _segments(grid: Grid, rng: np.random.Generator, num_objects: int) -> np.ndar
 
 
 def structured(grid: Grid, heads: int = 4, head_dim: int = 64, *, seed: int = 0,
-               num_objects: int = 6, dtype=np.float32):
+               num_objects: int = 6, dtype=np.float32, other_weights: float = 0.0,
+               weights_seed: int = 1):
   """Video-like (q, k, v), each [1, S, heads, head_dim] numpy arrays.
 
   Args:
@@ -88,7 +89,17 @@ def structured(grid: Grid, heads: int = 4, head_dim: int = 64, *, seed: int = 0,
     seed: the only source of randomness.
     num_objects: drifting object segments besides the background.
     dtype: numpy dtype of the result.
+    other_weights: alpha in [0, 1]: the same scene seen through other projection weights,
+      each W = ((1 - alpha) W_seed + alpha W') / sqrt((1 - alpha)^2 + alpha^2) with W' drawn
+      from `weights_seed` (0 = the plain workload; 1 = unrelated weights). Models a second
+      model (Wan2.2's low-noise expert) reading the latents the first one produced.
+    weights_seed: seed of W'.
   """
+  if not 0.0 <= other_weights <= 1.0:
+    raise ValueError(f"other_weights must be in [0, 1], got {other_weights}")
+  other = np.random.default_rng(weights_seed)
+  mix = lambda w: ((1 - other_weights) * w + other_weights * other.normal(size=w.shape)
+                   / np.sqrt(w.shape[0])) / np.hypot(1 - other_weights, other_weights)
   rng = np.random.default_rng(seed)
   c = grid.coords()
   s, width = grid.seq_len, 96
@@ -109,7 +120,7 @@ def structured(grid: Grid, heads: int = 4, head_dim: int = 64, *, seed: int = 0,
     w_seg, w_field, w_noise = rng.dirichlet([2.0, 2.0, 0.7]) * np.array([1.6, 1.3, 0.25])
     x = w_seg * seg_feat[seg] + w_field * field + w_noise * noise
     temperature = rng.uniform(0.8, 1.8)
-    wq, wk, wv = (rng.normal(size=(width, head_dim)) / np.sqrt(width) for _ in range(3))
+    wq, wk, wv = (mix(rng.normal(size=(width, head_dim)) / np.sqrt(width)) for _ in range(3))
     q[:, h] = x @ wq * temperature
     k[:, h] = x @ wk * temperature + 0.3 * (x @ wq)  # keys correlate with queries
     v[:, h] = x @ wv + 0.2 * rng.normal(size=(s, head_dim))

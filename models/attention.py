@@ -109,7 +109,8 @@ def matching_state(state: Optional[SvgEarState],
 
 def svg_ear_self_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, state: Optional[SvgEarState],
-    *, num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None
+    *, num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None,
+    head_ids: Optional[jax.Array] = None
 ) -> Tuple[jax.Array, Optional[SvgEarState], jax.Array]:
   """One layer's SVG-EAR attention with its state in and out.
 
@@ -119,13 +120,16 @@ def svg_ear_self_attention(
     state: this layer's centroids from the previous call, or None (cold k-means).
     num_dense_tokens, key_mask: trailing dense (text) tokens and key validity [B, S], as in
       `svg_ear_attention`.
+    head_ids: [B, H] global index of each (batch, head) for the cold-start draw, as in
+      `svg_ear_attention` (None: b * H + h).
 
   Returns:
     (out [B, S, H, D], new state (None only for routing="dense" without a state),
     density [B, H] float32).
   """
   out, aux = svg_ear_attention(q, k, v, cfg, state=state, return_aux=True,
-                               num_dense_tokens=num_dense_tokens, key_mask=key_mask)
+                               num_dense_tokens=num_dense_tokens, key_mask=key_mask,
+                               head_ids=head_ids)
   new_state = aux.state
   if new_state is not None:
     new_state = SvgEarState(q_centroids=new_state.q_centroids.astype(jnp.float32),

@@ -5,6 +5,8 @@
   svg-ear-convert wan-vae SRC DST [--dtype fp32] [--overwrite] [--quiet]
   svg-ear-convert hunyuan-vae SRC DST [--dtype fp32] [--overwrite] [--quiet]
   svg-ear-convert umt5 SRC DST [--dtype bf16] [--overwrite] [--quiet]
+  svg-ear-convert llama SRC DST [--dtype bf16] [--overwrite] [--quiet]
+  svg-ear-convert clip SRC DST [--dtype bf16] [--overwrite] [--quiet]
 
 SRC is a local checkpoint:
   * wan: a Wan2.2 DiT folder in diffusers or original layout (an A14B folder with
@@ -17,7 +19,12 @@ SRC is a local checkpoint:
   * hunyuan-vae: a diffusers `AutoencoderKLHunyuanVideo` folder (or pipeline with `vae/`), or
     the original `vae/` folder (`pytorch_model.pt` + config.json; needs torch);
   * umt5: a transformers `UMT5EncoderModel` save (Wan pipeline `text_encoder/`), or Wan's
-    `models_t5_umt5-xxl-enc-bf16.pth` (needs torch), or a folder holding exactly one.
+    `models_t5_umt5-xxl-enc-bf16.pth` (needs torch), or a folder holding exactly one;
+  * llama: HunyuanVideo's Llama text encoder, a transformers `LlamaModel` /
+    `LlamaForCausalLM` / `LlavaForConditionalGeneration` save (or pipeline with
+    `text_encoder/`; every layer is converted);
+  * clip: HunyuanVideo's CLIP-L, a transformers `CLIPTextModel` save (or pipeline with
+    `text_encoder_2/`).
 DST then loads with the model's `from_pretrained` (no torch needed). Nothing is downloaded;
 every source tensor must map to a parameter and vice versa, shapes are checked before any
 data is read; nothing is left at DST on failure.
@@ -50,6 +57,14 @@ COMMANDS = {
              "local checkpoint: transformers text_encoder/ folder (or pipeline with "
              "text_encoder/), or models_t5_umt5-xxl-enc-bf16.pth (needs torch) or a folder "
              "holding one", "bf16", "Wan runs it in bf16", False),
+    "llama": ("HunyuanVideo's Llama text encoder (LLaVA-Llama-3-8B language model)",
+              "local checkpoint: transformers LlamaModel / LLaVA save (text_encoder/, or "
+              "pipeline with text_encoder/)", "bf16",
+              "the pipeline runs it in its DiT dtype (HunyuanVideo: fp16)", False),
+    "clip": ("HunyuanVideo's CLIP-L text encoder",
+             "local checkpoint: transformers CLIPTextModel save (text_encoder_2/, or pipeline "
+             "with text_encoder_2/)", "bf16",
+             "the pipeline runs it in its DiT dtype (HunyuanVideo: fp16)", False),
 }
 
 
@@ -80,6 +95,10 @@ def _converter(model: str):
     from models.wan.vae_convert import convert
   elif model == "hunyuan-vae":
     from models.hunyuan.vae_convert import convert
+  elif model == "llama":
+    from models.hunyuan.text_convert import convert_llama as convert
+  elif model == "clip":
+    from models.hunyuan.text_convert import convert_clip as convert
   else:
     from models.wan.umt5_convert import convert
   return convert

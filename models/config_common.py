@@ -1,5 +1,7 @@
-"""What the DiT configs (WanConfig, HunyuanConfig) share: copies, dtypes, the architecture
-fingerprint used to recognise published variants, and the JSON round trip."""
+"""What the model configs share: copies, dtypes, the architecture fingerprint used to
+recognise published variants, and the JSON round trip (`DiTConfigMixin`: the DiT and VAE
+configs, with `param_dtype` and `dtype`; `EncoderConfigMixin`: the text-encoder configs,
+with one `dtype`)."""
 
 import dataclasses
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
@@ -12,10 +14,11 @@ class DiTConfigMixin:
 
   A subclass sets `ARCH_FIELDS` (the fields that define the checkpoint's tensors),
   `FAMILY` (model family name for messages) and `variants()` (published name -> factory),
-  and has `param_dtype` / `dtype` fields.
+  and has the `DTYPE_FIELDS` (`param_dtype` / `dtype`).
   """
 
   ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
+  DTYPE_FIELDS: ClassVar[Tuple[str, ...]] = ("param_dtype", "dtype")
   FAMILY: ClassVar[str] = ""
 
   @classmethod
@@ -28,7 +31,11 @@ class DiTConfigMixin:
 
   def with_dtype(self, dtype):
     """Same architecture with weights and compute in `dtype` (fp32 islands stay fp32)."""
-    return self.replace(param_dtype=dtype, dtype=dtype)
+    return self.replace(**{f: dtype for f in self.DTYPE_FIELDS})
+
+  def dtypes(self) -> Dict[str, Any]:
+    """The `DTYPE_FIELDS` and their values."""
+    return {f: getattr(self, f) for f in self.DTYPE_FIELDS}
 
   def architecture(self) -> Dict[str, Any]:
     """The fields that determine the checkpoint's tensors."""
@@ -59,3 +66,14 @@ class DiTConfigMixin:
     if unknown:
       raise ValueError(f"unknown {cls.__name__} fields {unknown}")
     return cls(**{**data, **overrides})
+
+
+class EncoderConfigMixin(DiTConfigMixin):
+  """`DiTConfigMixin` for a frozen text-encoder config with a single `dtype` field: every
+  other field is architecture. A subclass sets `FAMILY`, `variants()` and `describe()`."""
+
+  DTYPE_FIELDS: ClassVar[Tuple[str, ...]] = ("dtype",)
+
+  def architecture(self) -> Dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in self.DTYPE_FIELDS}

@@ -4,7 +4,8 @@ Sources are local safetensors files (`SafetensorsCheckpoint`) or torch pickles
 (`TorchPickleCheckpoint`: `.pth` / `.pt` state dicts, memory-mapped, read with torch only
 then; `TorchMissingError` without it); both offer the same header-then-stream interface.
 Converted folders are a marker (`MARKER`: format, version, config) plus the parameters as
-an Orbax checkpoint (`write_converted`, `convert_component`, `restore_params`).
+an Orbax checkpoint (`write_converted`, `convert_component` / `convert_source`,
+`restore_params`).
 
 A model port supplies a table `{source key: Rule}` built from its config; this module
 opens the local checkpoint (one file or index-listed shards), checks the table against the
@@ -359,9 +360,11 @@ def save_params(model: nnx.Module, directory: os.PathLike) -> None:
 
 
 def restore_params(model: nnx.Module, directory: os.PathLike, *,
-                   device: Optional[jax.Device] = None) -> nnx.Module:
+                   device: Optional[jax.Device] = None, partial: bool = False) -> nnx.Module:
   """Fills an abstract model's `nnx.Param`s from `save_params` output, casting each to
-  the parameter's dtype; shapes and names must match exactly."""
+  the parameter's dtype; shapes and names must match exactly, except that with `partial`
+  the model may hold a subset of the stored parameters (e.g. a prefix of the layers): the
+  others are not read."""
   import orbax.checkpoint as ocp
 
   directory = Path(directory).absolute()
@@ -375,19 +378,27 @@ def restore_params(model: nnx.Module, directory: os.PathLike, *,
   shapes = param_shapes(model)
   stored_flat = {tuple(str(k) for k in path): leaf for path, leaf in _flatten(stored)}
   wanted = {tuple(str(k) for k in path): path for path in shapes}
-  if set(stored_flat) != set(wanted):
-    extra = sorted(".".join(p) for p in set(stored_flat) - set(wanted))
-    absent = sorted(".".join(p) for p in set(wanted) - set(stored_flat))
+  extra = sorted(".".join(p) for p in set(stored_flat) - set(wanted))
+  absent = sorted(".".join(p) for p in set(wanted) - set(stored_flat))
+  if absent or (extra and not partial):
     raise CheckpointError(f"Orbax checkpoint {directory} does not match the model: unexpected "
                           f"{extra[:5]}, missing {absent[:5]}")
   abstract = {}
-  for key, leaf in stored_flat.items():
-    want = shapes[wanted[key]]
+  for key in wanted:
+    leaf, want = stored_flat[key], shapes[wanted[key]]
     if tuple(leaf.shape) != want.shape:
       raise CheckpointError(f"parameter {'.'.join(key)} in {directory} has shape "
                             f"{tuple(leaf.shape)}, the model expects {want.shape}")
     abstract[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-  restored = checkpointer.restore(directory, _unflatten(abstract))
+  if extra:  # StandardCheckpointer restores whole trees only
+    checkpointer.close()
+    checkpointer = ocp.PyTreeCheckpointer()
+    target = _unflatten(abstract)
+    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  else:
+    restored = checkpointer.restore(directory, _unflatten(abstract))
   checkpointer.close()
   variables = param_variables(model)
   for key, value in _flatten(restored):
@@ -507,7 +518,7 @@ def stored_config(marker: Dict[str, Any], config_cls: type, folder: Path, varian
   cfg = resolve_variant(variant, stored, folder)
   if dtype is not None:
     return cfg.with_dtype(parse_dtype(dtype))
-  return cfg.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+  return cfg.replace(**stored.dtypes())
 
 
 def component_folder(location: Path, name: str) -> Path:
@@ -590,16 +601,15 @@ class TorchPickleCheckpoint:
   (legacy pickles are read whole), so tensors are copied one at a time on `read`. Wrappers
   ("model", "module", "state_dict") holding the state dict are unwrapped; any other value
   that is not a tensor is an error. Needs torch (`TorchMissingError` without it).
+  A reader with other rules overrides `_import_torch`, `_load` or `_unwrap` (e.g.
+  `models.hunyuan.sources.TorchCheckpoint`).
   """
 
   def __init__(self, location: os.PathLike):
     self.location = Path(location)
-    torch = import_torch(self.location)
+    torch = self._import_torch()
     self._torch = torch
-    state = self._load(torch)
-    for wrapper in _PICKLE_WRAPPERS:
-      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-        state = state[wrapper]
+    state = self._unwrap(self._load(torch))
     if not isinstance(state, Mapping):
       raise CheckpointError(f"{self.location}: not a state dict ({type(state).__name__})")
     for key, value in state.items():
@@ -608,6 +618,16 @@ class TorchPickleCheckpoint:
                               f"{type(value).__name__}, not a tensor")
     self._tensors = dict(state)
     self.file_of = {key: self.location for key in self._tensors}
+
+  def _import_torch(self):
+    return import_torch(self.location)
+
+  @staticmethod
+  def _unwrap(state: Any) -> Any:
+    for wrapper in _PICKLE_WRAPPERS:
+      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+        state = state[wrapper]
+    return state
 
   def _load(self, torch):
     if not self.location.is_file():
@@ -640,7 +660,13 @@ class TorchPickleCheckpoint:
 
   def read(self, key: str) -> np.ndarray:
     """One tensor as a host NumPy array (bfloat16 via ml_dtypes)."""
-    tensor = self._tensors[key]
+    return self._numpy(key, self._tensors[key])
+
+  def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one tensor (axis 0), read alone."""
+    return self._numpy(key, self._tensors[key][start:stop])
+
+  def _numpy(self, key: str, tensor) -> np.ndarray:
     try:
       if tensor.dtype == self._torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits
         import ml_dtypes
@@ -724,3 +750,26 @@ def convert_component(load: Callable[[jax.Device], nnx.Module], dst: os.PathLike
     model = load(cpu)
     write_converted(model, tmp, fmt, version, config_of(model))
   return dst
+
+
+def convert_source(load: Callable[..., nnx.Module], find_source: Callable[[Any], Any],
+                   src: os.PathLike, dst: os.PathLike, fmt: str, version: int,
+                   config_of: Callable[[nnx.Module], Mapping[str, Any]], *,
+                   overwrite: bool = False, **load_kw: Any) -> Path:
+  """A component's `convert`: checks `src` with `find_source` (a bad source fails before
+  anything is created), then `convert_component` of `load(src, device=cpu, **load_kw)`.
+
+  Args:
+    load: the component's loader (`load_vae`, `load_umt5`, ...), reading any of its sources.
+    find_source: raises `CheckpointError` on a missing or ambiguous source.
+    src, dst: the source checkpoint and the converted folder to write.
+    fmt, version, config_of: as `convert_component`.
+    overwrite: replace an existing `dst`.
+    **load_kw: passed to `load` (dtype, config, progress, ...).
+
+  Returns:
+    `dst` as an absolute path.
+  """
+  find_source(src)
+  return convert_component(lambda cpu: load(src, device=cpu, **load_kw), dst, fmt, version,
+                           config_of, overwrite=overwrite)

@@ -14,6 +14,13 @@ sparse warm start) and CFG mode; DiTs of one architecture (the two A14B experts)
 compiled forward, only their params differ. k-means centroids are carried functionally from
 step to step (per CFG branch when the branches run as separate calls) and written back into
 the model's `KMeansState` at the end.
+
+With the DiTs on a mesh (`set_mesh`; models/parallel.py) the loop's latents, conditioning
+and scheduler state are replicated on it before the first step, so that nothing moves
+between one device and the mesh per step (each DiT's shard_map takes its shards of a
+replicated input without communication), and the k-means state goes from one forward to
+the next as it comes out: sharded by head, P(None, "data", "seq"). Without a mesh nothing
+is placed.
 """
 
 import dataclasses
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import sampling
+from models import parallel, sampling
 from models.attention import AttentionDensity, AttentionPolicy, KMeansState
 from models.sampling import StepRecord, SvgEarSchedule
 
@@ -95,13 +102,27 @@ _scheduler_step = jax.jit(_scheduler_step_impl, static_argnums=0)
 _combine = jax.jit(sampling.cfg_combine)
 
 
-def _memory_sharding(device: jax.Device, kind: str):
+def _in_memory(sharding: jax.sharding.Sharding, kind: str):
+  """`sharding` with its arrays in memory `kind`, or None where its devices have none."""
   try:
+    device = next(iter(sharding.device_set))
     if kind in {m.kind for m in device.addressable_memories()}:
-      return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+      return sharding.with_memory_kind(kind)
   except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
     pass
   return None
+
+
+def _device_sharding(x) -> jax.sharding.Sharding:
+  """Where weight `x` lives on the device(s): its own sharding (one device, or a mesh)."""
+  sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return _in_memory(sharding, "device") or sharding
+
+
+def _on_host(x) -> bool:
+  """Whether weight `x` is in host memory (a NumPy array or a pinned-host jax.Array)."""
+  return not isinstance(x, jax.Array) or getattr(x.sharding, "memory_kind", None) in (
+      "pinned_host", "unpinned_host")
 
 
 def _policy_graphdef(model: nnx.Module, policy: AttentionPolicy):
@@ -116,7 +137,9 @@ def _policy_graphdef(model: nnx.Module, policy: AttentionPolicy):
 
 class Expert:
   """One DiT of a pipeline: split once per call into a graphdef per attention kind and its
-  params, with its k-means states per CFG branch; optionally parked in host memory."""
+  params, with its k-means states per CFG branch; optionally parked in host memory (every
+  weight in the host memory of the device(s) it lives on, a mesh's included, and back to
+  the same sharding)."""
 
   def __init__(self, name: str, model: nnx.Module):
     self.name = name
@@ -124,8 +147,13 @@ class Expert:
     self.trace_counts: Dict[Tuple[str, str], int] = {}
     self.states: Dict[str, Any] = {}
     self.on_host = False
-    self.device = None
-    self._host_sharding = None
+    self.device = None  # the (first) device of the weights
+    self._device_shardings = None  # per weight, read while the weights are on the device
+    # The weights never change during sampling, so their host copy is made once and kept:
+    # moving out is then dropping the device copy, and only the first move pays for the
+    # pinned allocation (~2 GB/s on the H200, vs ~50 GB/s back to the device).
+    self._host_params = None
+    self._placed = ()  # the weight leaves this expert last put into the model
 
   @property
   def sparse(self) -> bool:
@@ -150,31 +178,52 @@ class Expert:
     else:
       self.graphdefs[DENSE] = self.graphdefs[DENSE_KMEANS] = self.graphdef
     self.states = {}
-    if self.device is None:
-      leaf = jax.tree.leaves(self.params)[0]
-      devices = getattr(leaf, "devices", lambda: set())()
-      self.device = next(iter(devices)) if devices else jax.devices()[0]
-      self._host_sharding = _memory_sharding(self.device, "pinned_host")
+    leaves = jax.tree.leaves(self.params)
+    if self._placed and (len(leaves) != len(self._placed)
+                         or any(a is not b for a, b in zip(leaves, self._placed))):
+      # the model's weights were replaced since this expert placed them: forget its copy,
+      # and take the new ones where they are (host arrays become the host copy)
+      self.on_host = any(_on_host(x) for x in leaves)
+      self._host_params = self.params if self.on_host else None
+      self._placed = tuple(leaves)
+      self._device_shardings = self.device = None
+    if self._device_shardings is None:
+      self._device_shardings = jax.tree.map(_device_sharding, self.params)
+      self.device = next(iter(jax.tree.leaves(self._device_shardings)[0].device_set))
 
   # Host offload of the weights.
 
   def _set_params(self, params) -> None:
     self.params = params
     nnx.update(self.model, params)
+    self._placed = tuple(jax.tree.leaves(params))
 
   def to_host(self) -> None:
     if not self.on_host:
-      if self._host_sharding is not None:
-        self._set_params(jax.device_put(self.params, self._host_sharding))
-      else:
-        self._set_params(jax.device_get(self.params))  # numpy copies
+      if self._host_params is None:
+        leaves, treedef = jax.tree.flatten(self._device_shardings)
+        host = [_in_memory(s, "pinned_host") for s in leaves]
+        if all(s is not None for s in host):
+          self._host_params = jax.block_until_ready(
+              jax.device_put(self.params, treedef.unflatten(host)))
+        else:
+          self._host_params = jax.device_get(self.params)  # numpy copies
+      self._set_params(self._host_params)
       self.on_host = True
 
-  def to_device(self) -> None:
-    if self.on_host:
-      target = _memory_sharding(self.device, "device") or self.device
-      self._set_params(jax.device_put(self.params, target))
+  def to_device(self, *, commit: bool = False) -> None:
+    """Moves the weights to the device; `commit` also places weights that never left it."""
+    if self.on_host or commit:
+      self._set_params(jax.device_put(self.params, self._device_shardings))
       self.on_host = False
+
+  def forget_placement(self) -> None:
+    """After the model's weights moved (`set_mesh`): the next `refresh` reads where they
+    live now (and makes a new host copy). Only while they are on the device."""
+    if self.on_host:
+      raise RuntimeError(f"{self.name}'s weights are on the host: to_device() first")
+    self._device_shardings = self.device = None
+    self._host_params, self._placed = None, ()
 
   def forward(self, branch: str, x, timestep, cond, guidance, *, kind: str, mode: str,
               call: DenoiserCall):
@@ -245,10 +294,79 @@ class Denoiser:
     self.scheduler = scheduler
     self.offload_idle = bool(offload_idle)
     self.scheduler_traces = 0
+    _ = self.mesh  # ValueError unless the DiTs share one mesh (or none)
+    self._offload_idle_experts()
+
+  def _offload_idle_experts(self) -> None:
     if self.offload_idle:
-      for ex in list(self.experts.values())[1:]:
+      first, *rest = self.experts.values()
+      # Weights back from the host are committed to the device; a jitted call keys its
+      # compiled program on that, so the resident expert's freshly initialised (uncommitted)
+      # weights are committed too: otherwise each switch compiles every program again.
+      first.refresh()
+      first.to_device(commit=True)
+      for ex in rest:
         ex.refresh()
         ex.to_host()
+
+  # Sequence parallelism.
+
+  @property
+  def mesh(self) -> Optional[jax.sharding.Mesh]:
+    """The mesh the DiTs run on, None on the single-device path; ValueError when the
+    DiTs are on different meshes."""
+    meshes = {name: ex.model.mesh for name, ex in self.experts.items()}
+    first = next(iter(meshes.values()))
+    if any(m != first for m in meshes.values()):
+      raise ValueError(f"the DiTs are on different meshes ({meshes}): put them on one "
+                       f"(the pipeline's set_mesh)")
+    return first
+
+  def set_mesh(self, mesh: Optional[jax.sharding.Mesh], *, fsdp: bool = False) -> None:
+    """Every DiT's `set_mesh(mesh, fsdp=fsdp)` (None: back to one device), an offloaded
+    idle expert included (it stays offloaded, now from the mesh). Checks every DiT's head
+    count against the mesh before moving any."""
+    if mesh is not None:
+      for ex in self.experts.values():
+        parallel.SeqParallel(mesh, fsdp=fsdp).check_heads(ex.model.config.num_heads)
+    for ex in self.experts.values():
+      ex.to_device()
+      ex.model.set_mesh(mesh, fsdp=fsdp)
+      ex.forget_placement()
+    self._offload_idle_experts()
+
+  def place(self, tree: Any) -> Any:
+    """`tree`'s arrays replicated on the DiTs' mesh (the loop's latents, conditioning and
+    scheduler state); `tree` itself without a mesh."""
+    mesh = self.mesh
+    if mesh is None:
+      return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  def to_one_device(self, x: jax.Array) -> jax.Array:
+    """`x` whole on this process's first device, for the single-device VAE (with several
+    hosts each process takes its own copy of the replicated value); `x` itself without a
+    mesh."""
+    if self.mesh is None:
+      return x
+    whole = self.place(x).addressable_shards[0].data
+    return jax.device_put(whole, jax.local_devices()[0])
+
+  def check_batch(self, plan: "StepPlan", batch: int, cfg_batch: bool) -> None:
+    """ValueError (host only) when a step's DiT batch does not split over the "data" axis
+    of the DiTs' mesh: B without CFG or with CFG as two calls, 2B for the CFG batch."""
+    mesh = self.mesh
+    data = 1 if mesh is None else parallel.SeqParallel(mesh).data_size
+    for i, g in enumerate(plan.scales):
+      both = sampling.cfg_enabled(g) and cfg_batch
+      size = 2 * batch if both else batch
+      if size % data:
+        how = ("cond and uncond as one batch" if both else
+               "CFG as two calls" if sampling.cfg_enabled(g) else "no CFG")
+        raise ValueError(f"step {i} runs {plan.experts[i]} on a batch of {size} ({how}), "
+                         f"which does not split over the mesh's {parallel.DATA!r} axis of "
+                         f"size {data}: use a batch divisible by it (with CFG batched, 2B), "
+                         f"or a mesh without a {parallel.DATA!r} axis")
 
   @property
   def trace_counts(self) -> Dict[Tuple[str, ...], int]:
@@ -291,8 +409,15 @@ class Denoiser:
     """
     for ex in self.experts.values():
       ex.refresh()
-    sched_dev = jax.device_put(scheduler_schedule)
-    state = self.scheduler.init_state(scheduler_schedule, latents.shape)
+    if self.mesh is not None:
+      latents, cond, uncond, both = self.place((latents, cond, uncond, both))
+      sched_dev = self.place(scheduler_schedule)
+      state = self.place(self.scheduler.init_state(scheduler_schedule, latents.shape))
+    else:
+      if self.offload_idle:  # committed like every later step's latents (see __init__)
+        latents = jax.device_put(latents, next(iter(self.experts.values())).device)
+      sched_dev = jax.device_put(scheduler_schedule)
+      state = self.scheduler.init_state(scheduler_schedule, latents.shape)
     n = len(plan.timesteps)
     log = sampling.StepLog(n, progress=progress, sync=timings, callback=callback)
     previous = None

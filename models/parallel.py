@@ -35,8 +35,8 @@ all-gather per joint attention); the video rows go back through the all-to-all.
 SVG-EAR state: `KMeansState` [L, B, H, K, D] is sharded P(None, "data", "seq") - by head
 like the attention, so every device warm-starts its own heads' k-means; the per-layer
 density [L, B, H] likewise. A cold start draws each head's initial centroids with the key
-of its *global* (batch, head) index (`cold_start_state`), so sharded and single-device
-clusterings agree up to float rounding.
+of its *global* (batch, head) index (`svg_ear_attention(..., head_ids=)`), so sharded and
+single-device clusterings agree up to float rounding.
 
 Weights: replicated on every device by default (`NamedSharding(mesh, P())`). With
 `fsdp=True` the stacked block weights are sharded over all mesh axes (each on its largest
@@ -53,6 +53,12 @@ every process running the same program): build the mesh over `jax.devices()` (al
 devices, e.g. `make_mesh(seq=8, data=2)` on 2 x 8 GPUs; keep the seq axis inside a host so
 that the all-to-alls stay on NVLink) and feed global arrays (e.g.
 `jax.make_array_from_process_local_data`). Only single-host meshes are tested.
+
+Pipelines: `WanPipeline` / `HunyuanVideoPipeline.from_pretrained(..., mesh=)` (or their
+`set_mesh`) put the DiT(s) on a mesh this way; the denoising loop replicates its latents,
+embeddings and scheduler state on the mesh and carries the k-means state sharded by head
+from step to step, while the text encoders and the VAE stay on one device
+(models/denoise.py).
 """
 
 import dataclasses
@@ -65,7 +71,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from svg_ear_jax import SvgEarConfig, SvgEarState
+from svg_ear_jax import SvgEarConfig, SvgEarState, global_head_ids
 
 SEQ = "seq"
 DATA = "data"
@@ -281,69 +287,23 @@ class Ulysses:
     """First global head of this device."""
     return lax.axis_index(SEQ) * self.local_heads
 
-  def global_head_groups(self, local_batch: int) -> jax.Array:
-    """[B_l * H/P] int32 global index b * H + h of every local (batch, head), b-major."""
+  def head_ids(self, local_batch: int) -> jax.Array:
+    """[B_l, H/P] int32 global index b * H + h of every local (batch, head): the
+    `head_ids` with which `svg_ear_attention` draws the single-device cold start."""
     b0 = 0 if self.data_axis is None else lax.axis_index(self.data_axis) * local_batch
-    b = b0 + jnp.arange(local_batch, dtype=jnp.int32)
-    h = self.head_offset() + jnp.arange(self.local_heads, dtype=jnp.int32)
-    return (b[:, None] * self.num_heads + h[None, :]).reshape(-1).astype(jnp.int32)
+    return global_head_ids(local_batch, self.local_heads, batch_offset=b0,
+                           head_offset=self.head_offset(), total_heads=self.num_heads)
 
   def svg_ear(self, q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig,
               state: Optional[SvgEarState], *, num_dense_tokens: int = 0,
               key_mask: Optional[jax.Array] = None):
-    """`models.attention.svg_ear_self_attention` on this device's heads, with a cold start
-    (state None) that draws the same initial centroids as the single-device call."""
+    """`models.attention.svg_ear_self_attention` on this device's heads, numbered by
+    their global (batch, head) index so that a cold start draws the single-device
+    initial centroids."""
     from models.attention import svg_ear_self_attention
 
-    if state is None and (cfg.routing != "dense" or getattr(cfg, "dense_kmeans", False)):
-      state = cold_start_state(q, k, cfg, self.global_head_groups(q.shape[0]),
-                               num_dense_tokens=num_dense_tokens, key_mask=key_mask)
-      # the cold start's iteration count, now that the initial centroids are given
-      cfg = cfg.replace(kmeans_iters_warm=cfg.kmeans_iters)
     return svg_ear_self_attention(q, k, v, cfg, state, num_dense_tokens=num_dense_tokens,
-                                  key_mask=key_mask)
-
-
-def cold_start_state(q: jax.Array, k: jax.Array, cfg: SvgEarConfig, groups: jax.Array, *,
-                     num_dense_tokens: int = 0,
-                     key_mask: Optional[jax.Array] = None) -> SvgEarState:
-  """The initial centroids a cold `svg_ear_attention` call would draw for these heads.
-
-  `svg_ear_attention` draws head group g's initial centroids with `fold_in(key, g)`, g the
-  index in its own [B * H] (svg_ear_jax.kmeans.init_centroids, with the keys of
-  svg_ear_jax.pipeline._kmeans_pair). A device holding H/P heads would number them from 0;
-  this draws them with their global index `groups` instead, so that the sharded cold start
-  equals the single-device one (tests/parallel check it: a change of that key scheme
-  fails them).
-
-  Args:
-    q, k: [B_l, S, H_l, D] local heads of the full sequence.
-    cfg: the SVG-EAR config.
-    groups: [B_l * H_l] global group index of each local (batch, head), b-major.
-    num_dense_tokens, key_mask: as in `svg_ear_attention`.
-
-  Returns:
-    SvgEarState [B_l, H_l, K, D] float32.
-  """
-  b, s, h, d = q.shape
-  n = s - num_dense_tokens
-  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)[:, :n]
-  key = jax.random.PRNGKey(cfg.seed)
-  mask = None if key_mask is None else jnp.repeat(key_mask, h, axis=0)[:, :n]
-
-  def init(x, num_clusters, sub, point_mask):
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, sub), i))(groups)
-    if point_mask is None:
-      idx = jax.vmap(lambda kk: jax.random.randint(kk, (num_clusters,), 0, n))(keys)
-    else:
-      logp = jnp.where(point_mask, 0.0, -jnp.inf)
-      idx = jax.vmap(lambda kk, lp: jax.random.categorical(kk, lp, shape=(num_clusters,)))(
-          keys, logp)
-    c = jnp.take_along_axis(x, idx[..., None], axis=1).astype(jnp.float32)
-    return c.reshape(b, h, num_clusters, d)
-
-  return SvgEarState(q_centroids=init(heads_first(q), cfg.num_q_clusters, 0, None),
-                     k_centroids=init(heads_first(k), cfg.num_k_clusters, 1, mask))
+                                  key_mask=key_mask, head_ids=self.head_ids(q.shape[0]))
 
 
 def place_model(model: Any, layout: Optional[SeqParallel], stacks: Sequence[str]) -> None:

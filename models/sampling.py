@@ -37,9 +37,11 @@ class SvgEarSchedule:
     expert_switch: what the low-noise Wan expert's k-means state starts from when it takes
       over: "cold" (empty: its first sparse step runs the cold `kmeans_iters`) or "carry"
       (a copy of the high-noise expert's last centroids when the shapes match, else cold).
-      Default "cold": the two experts' q/k distributions differ and no measurement here
-      showed carrying to help. The reference shares one processor per layer index between
-      both experts, so it effectively carries; choose "carry" to reproduce it.
+      Default "cold": within ~0.002 attention error of the best start whatever the two
+      experts' projections are, while carrying breaks down when they are unrelated
+      (benchmarks/results/kmeans_start_h200.md). The reference shares one processor per
+      layer index between both experts, so it effectively carries; choose "carry" to
+      reproduce it (or when the experts are known to be close).
     kmeans_during_dense: the reference's `zero_step_kmeans_init`: the dense warm-up steps
       still run k-means in the sparse layers (output exact dense attention, the centroids
       carried), so the first sparse step starts warm (`kmeans_iters_warm`) instead of cold.

@@ -9,6 +9,13 @@ exactly as transformers' `PreTrainedTokenizerFast.__call__` does
 (`set_truncation_and_padding`) and returns NumPy arrays, so the ids and masks are the ones
 transformers gives on the same folder; neither transformers nor torch is needed.
 
+A folder saved by a slow (pure-Python) `CLIPTokenizer`, such as some HunyuanVideo
+`tokenizer_2/` folders, has `vocab.json` + `merges.txt` and no tokenizer.json; the backend is
+then built from them as transformers' `CLIPTokenizerFast` conversion does
+(`convert_slow_tokenizer.CLIPConverter`: byte-level BPE with the `</w>` end-of-word
+suffix, NFC + whitespace folding + lowercasing, CLIP's split pattern,
+`<|startoftext|> $A <|endoftext|>`), see `clip_backend`.
+
 Caveat: transformers 5's model-specific classes with their own `__init__` (e.g.
 `T5Tokenizer`, which the Wan `tokenizer/` folders name) rebuild the backend from the vocab
 and replace the pre-tokeniser (WhitespaceSplit + Metaspace) instead of using the one in
@@ -19,13 +26,21 @@ tokenizer.json; this class always uses tokenizer.json as saved, like transformer
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # a slow BPE tokenizer's files
+CLIP_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+# The slow CLIPTokenizer's defaults (its pad token is end-of-text too).
+CLIP_DEFAULTS = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                     unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+# The slow CLIPTokenizer reads at most this many merges (49152 - 256 bytes - 2 specials).
+CLIP_MAX_MERGES = 49152 - 256 - 2
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 # transformers' "no limit" placeholder for model_max_length (VERY_LARGE_INTEGER).
 _NO_MAX_LENGTH = int(1e30)
@@ -54,6 +69,111 @@ def _read_json(path: Path) -> Dict[str, Any]:
   if not isinstance(data, dict):
     raise TokenizerError(f"{path}: expected a JSON object")
   return data
+
+
+def _read_bpe_files(folder: Path) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
+  vocab = _read_json(folder / VOCAB_FILE)
+  if not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+    raise TokenizerError(f"{folder / VOCAB_FILE}: expected an object of token -> id")
+  path = folder / MERGES_FILE
+  try:
+    lines = path.read_text(encoding="utf-8").strip().split("\n")
+  except (OSError, UnicodeDecodeError) as err:
+    raise TokenizerError(f"cannot read {path}: {err}") from err
+  if lines and lines[0].startswith("#version"):
+    lines = lines[1:]
+  merges = []
+  for number, line in enumerate(lines[:CLIP_MAX_MERGES], start=2):
+    pair = tuple(line.split())
+    if len(pair) != 2:
+      raise TokenizerError(f"{path}, line {number}: expected two tokens, got {line!r}")
+    merges.append(pair)
+  return vocab, merges
+
+
+def _special_token(token: Any):
+  """A `tokenizers.AddedToken` (special, not normalized unless the saved flags say so)."""
+  from tokenizers import AddedToken
+
+  if isinstance(token, dict):
+    flags = {k: bool(token[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                          "special") if k in token}
+    return AddedToken(token["content"], **{"special": True, "normalized": False, **flags})
+  return AddedToken(token, special=True, normalized=False)
+
+
+def clip_backend(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]], *,
+                 bos_token: str, eos_token: str, unk_token: str,
+                 added_tokens: Sequence[Any] = (), name: str = "tokenizer"):
+  """The `tokenizers.Tokenizer` transformers' `CLIPTokenizerFast` builds from a slow
+  `CLIPTokenizer`'s vocabulary and merges (`CLIPConverter`).
+
+  Args:
+    vocab: byte-level token -> id (words end in "</w>").
+    merges: BPE merges in rank order.
+    bos_token, eos_token, unk_token: CLIP's start / end of text and unknown token.
+    added_tokens: more special tokens to register (strings, or transformers' AddedToken
+      dicts with their flags); bos / eos / unk are registered as well.
+    name: the folder, for messages.
+
+  Raises:
+    TokenizerError: merges that do not fit the vocabulary, or an added token whose id is
+      not where the folder says.
+  """
+  from tokenizers import Regex, Tokenizer as Backend, decoders, models, normalizers
+  from tokenizers import pre_tokenizers, processors
+
+  try:
+    backend = Backend(models.BPE(vocab=dict(vocab), merges=list(merges), dropout=None,
+                                 continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                 fuse_unk=False, unk_token=unk_token))
+  except Exception as err:  # tokenizers raises a bare Exception on inconsistent merges
+    raise TokenizerError(f"{name}: vocab.json and merges.txt do not form a BPE model: "
+                         f"{err}") from err
+  backend.normalizer = normalizers.Sequence(
+      [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  backend.decoder = decoders.ByteLevel()
+  added = [_special_token(t) for t in added_tokens]
+  contents = {t.content for t in added}
+  added += [_special_token(t) for t in dict.fromkeys((bos_token, eos_token, unk_token))
+            if t not in contents]
+  backend.add_special_tokens(added)
+  for token in (bos_token, eos_token):
+    if backend.token_to_id(token) is None:
+      raise TokenizerError(f"{name}: {token!r} is not in the vocabulary")
+  backend.post_processor = processors.RobertaProcessing(
+      (eos_token, backend.token_to_id(eos_token)), (bos_token, backend.token_to_id(bos_token)),
+      trim_offsets=False, add_prefix_space=False)
+  return backend
+
+
+def _slow_clip_backend(folder: Path, config: Dict[str, Any], tokens: Dict[str, Optional[str]]):
+  """`clip_backend` of a slow CLIPTokenizer folder (vocab.json + merges.txt)."""
+  cls = config.get("tokenizer_class")
+  if cls not in CLIP_CLASSES:
+    raise TokenizerError(
+        f"{folder}: no {TOKENIZER_FILE}; its {VOCAB_FILE} + {MERGES_FILE} are read only for a "
+        f"CLIPTokenizer ({CONFIG_FILE} names tokenizer_class {cls!r}); re-save the folder "
+        "with transformers' fast tokenizer")
+  vocab, merges = _read_bpe_files(folder)
+  # transformers 4 saves list the special tokens here: {"49406": {"content": ..., flags}}.
+  decoder = config.get("added_tokens_decoder") or {}
+  try:
+    listed = sorted(((int(k), t if isinstance(t, dict) else {"content": _token_str(t)})
+                     for k, t in decoder.items()), key=lambda item: item[0])
+  except (TypeError, ValueError) as err:
+    raise TokenizerError(f"{folder / CONFIG_FILE}: bad added_tokens_decoder: {err}") from err
+  backend = clip_backend(vocab, merges, bos_token=tokens["bos_token"],
+                         eos_token=tokens["eos_token"], unk_token=tokens["unk_token"],
+                         added_tokens=[t for _, t in listed], name=str(folder))
+  for token_id, token in listed:
+    if backend.token_to_id(token["content"]) != token_id:
+      raise TokenizerError(f"{folder / CONFIG_FILE}: added token {token['content']!r} has id "
+                           f"{backend.token_to_id(token['content'])}, not {token_id}")
+  return backend
 
 
 class Tokenizer:
@@ -99,8 +219,9 @@ class Tokenizer:
     """Loads a local tokenizer folder (or a pipeline folder holding `tokenizer/`).
 
     Raises:
-      TokenizerError: no such folder, no tokenizer.json, unreadable files, or a pad/eos
-        token missing from the vocabulary.
+      TokenizerError: no such folder, no tokenizer.json (nor a slow CLIPTokenizer's
+        vocab.json + merges.txt), unreadable files, or a pad/eos token missing from the
+        vocabulary.
     """
     try:
       from tokenizers import Tokenizer as Backend
@@ -111,24 +232,34 @@ class Tokenizer:
     folder = Path(folder)
     if not folder.is_dir():
       raise TokenizerError(f"{folder}: no such tokenizer folder")
-    if not (folder / TOKENIZER_FILE).is_file() and (folder / "tokenizer").is_dir():
+    def files(f):
+      return (f / TOKENIZER_FILE).is_file() or (f / VOCAB_FILE).is_file()
+
+    if not files(folder) and (folder / "tokenizer").is_dir():
       folder = folder / "tokenizer"
     path = folder / TOKENIZER_FILE
-    if not path.is_file():
-      raise TokenizerError(f"{folder}: no {TOKENIZER_FILE} (only fast-tokenizer folders are "
-                           "supported; a sentencepiece-only folder must be converted first)")
-    try:
-      backend = Backend.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-      raise TokenizerError(f"cannot read {path}: {err}") from err
+    slow = not path.is_file() and (folder / VOCAB_FILE).is_file() and \
+        (folder / MERGES_FILE).is_file()
+    if not path.is_file() and not slow:
+      raise TokenizerError(f"{folder}: no {TOKENIZER_FILE} (only fast-tokenizer folders and "
+                           "slow CLIPTokenizer ones are supported; a sentencepiece-only "
+                           "folder must be converted first)")
 
     config = _read_json(folder / CONFIG_FILE)
     special = _read_json(folder / SPECIAL_TOKENS_FILE)
     # transformers lets tokenizer_config.json override special_tokens_map.json.
-    tokens = {k: _token_str(special.get(k)) for k in ("pad_token", "eos_token")}
+    tokens = {k: _token_str(special.get(k)) for k in CLIP_DEFAULTS}
     for key in tokens:
       if config.get(key) is not None:
         tokens[key] = _token_str(config[key])
+    if slow:
+      tokens = {k: v if v is not None else CLIP_DEFAULTS[k] for k, v in tokens.items()}
+      backend = _slow_clip_backend(folder, config, tokens)
+    else:
+      try:
+        backend = Backend.from_file(str(path))
+      except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        raise TokenizerError(f"cannot read {path}: {err}") from err
     max_len = config.get("model_max_length")
     return cls(backend, pad_token=tokens["pad_token"], eos_token=tokens["eos_token"],
                padding_side=config.get("padding_side", "right"),

@@ -17,7 +17,7 @@ from svg_ear_jax.state import SvgEarAux, SvgEarState
 MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask):
+def _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask, head_ids):
   if not isinstance(cfg, SvgEarConfig):
     raise TypeError(f"cfg must be an SvgEarConfig, got {type(cfg).__name__}")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -46,6 +46,12 @@ def _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask):
                        f"{getattr(key_mask, 'shape', type(key_mask).__name__)}")
     if key_mask.dtype != jnp.bool_:
       raise TypeError(f"key_mask must be bool, got {key_mask.dtype}")
+  if head_ids is not None:
+    if not hasattr(head_ids, "shape") or tuple(head_ids.shape) != (b, h):
+      raise ValueError(f"head_ids must be [B, H] = {(b, h)}, got "
+                       f"{getattr(head_ids, 'shape', type(head_ids).__name__)}")
+    if not jnp.issubdtype(head_ids.dtype, jnp.integer):
+      raise TypeError(f"head_ids must be integers, got {head_ids.dtype}")
   if cfg.routing != "dense":
     clustered = s - num_dense_tokens
     for field in ("num_q_clusters", "num_k_clusters"):
@@ -67,6 +73,26 @@ def resolve_implementation(cfg: SvgEarConfig) -> str:
   if cfg.implementation != "auto":
     return cfg.implementation
   return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def global_head_ids(batch: int, num_heads: int, *, batch_offset=0, head_offset=0,
+                    total_heads: Optional[int] = None) -> jax.Array:
+  """`head_ids` of a slice of a larger call: heads [head_offset, head_offset + num_heads)
+  of samples [batch_offset, batch_offset + batch) of a call with `total_heads` heads.
+
+  Args:
+    batch, num_heads: static size of the slice (B, H of the local call).
+    batch_offset, head_offset: first global sample / head; ints or traced int scalars
+      (e.g. from `lax.axis_index` inside a `shard_map`).
+    total_heads: heads of the whole call (default `num_heads`: a batch slice only).
+
+  Returns:
+    [batch, num_heads] int32, (batch_offset + b) * total_heads + head_offset + h.
+  """
+  total = num_heads if total_heads is None else total_heads
+  b = jnp.asarray(batch_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+  h = jnp.asarray(head_offset, jnp.int32) + jnp.arange(num_heads, dtype=jnp.int32)
+  return b[:, None] * jnp.int32(total) + h[None, :]
 
 
 def _heads_first(x):  # [B, S, H, D] -> [B*H, S, D]
@@ -91,7 +117,7 @@ def _masked_dense(qg, kg, vg, key_mask, impl):
   return sparse_attention.sparse_attention_xla(*args, scale=d ** -0.5, compensation=False)
 
 
-def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask) -> SvgEarState:
+def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask, groups) -> SvgEarState:
   """The k-means stage alone (routing "dense" with `dense_kmeans`): the next centroids."""
   b, s, h, d = q.shape
   n_video = s - num_dense_tokens
@@ -101,14 +127,15 @@ def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask) -> SvgEarStat
     warm = dict(q_init=state.q_centroids.reshape(b * h, cfg.num_q_clusters, d),
                 k_init=state.k_centroids.reshape(b * h, cfg.num_k_clusters, d))
   k_mask = None if g_mask is None else g_mask[:, :n_video]
-  q_c, k_c = pipeline.centroids(qg, kg, cfg, impl, k_mask=k_mask, **warm)
+  q_c, k_c = pipeline.centroids(qg, kg, cfg, impl, k_mask=k_mask, groups=groups, **warm)
   return SvgEarState(q_centroids=q_c.reshape(b, h, cfg.num_q_clusters, d),
                      k_centroids=k_c.reshape(b, h, cfg.num_k_clusters, d))
 
 
 def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, *,
                       state: Optional[SvgEarState] = None, return_aux: bool = False,
-                      num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None):
+                      num_dense_tokens: int = 0, key_mask: Optional[jax.Array] = None,
+                      head_ids: Optional[jax.Array] = None):
   """SVG-EAR sparse attention with centroid compensation.
 
   Args:
@@ -124,15 +151,21 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
     key_mask: optional [B, S] bool, False = padding key: never attended and never part of a
       compensation pseudo-token (the reference adds a zero-value pseudo-token for the text
       padding, which dilutes every softmax; we do not).
+    head_ids: optional [B, H] int (may be traced): the index g with which each (batch,
+      head) draws its cold-start centroids (`fold_in(key, g)`); default b * H + h. A
+      caller holding a slice of a larger call's heads (sequence parallelism: H/P heads
+      per device) passes their indices in that call (`global_head_ids`), so that its cold
+      start equals the unsliced one. Only a cold start reads it.
 
   Returns:
     out [B, S, H, D] in q.dtype, or (out, aux) when `return_aux`. aux.density counts the
     exact area over all S queries x valid keys.
   """
-  _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask)
+  _check_inputs(q, k, v, cfg, state, num_dense_tokens, key_mask, head_ids)
   b, s, h, d = q.shape
   q_dtype = q.dtype
   impl = resolve_implementation(cfg)
+  groups = None if head_ids is None else head_ids.reshape(b * h)  # g = b * H + h order
 
   g_mask = None if key_mask is None else jnp.repeat(key_mask, h, axis=0)  # [B*H, S]
 
@@ -145,7 +178,7 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
     else:
       out = dense.dense_attention(q, k, v)
     if cfg.dense_kmeans and return_aux:
-      state = _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask)
+      state = _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask, groups)
     aux = SvgEarAux(state=state, density=jnp.ones((b, h), jnp.float32))
     return (out, aux) if return_aux else out
 
@@ -161,7 +194,7 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
   video = lambda x: x[:, :n_video]
   video_mask = None if g_mask is None else video(g_mask)
   clusters = pipeline.cluster(video(qg), video(kg), video(vg), cfg, impl, k_mask=video_mask,
-                              **warm)
+                              groups=groups, **warm)
   block_map = pipeline.route(video(qg), video(kg), video(vg), clusters, cfg, impl)
   attn_clusters, attn_map = clusters, block_map
   if num_dense_tokens or key_mask is not None:

@@ -46,20 +46,28 @@ def _dot_precision(dtype):
 
 
 def init_centroids(x: jax.Array, num_clusters: int, key: jax.Array,
-                   point_mask: Optional[jax.Array] = None) -> jax.Array:
+                   point_mask: Optional[jax.Array] = None, *,
+                   groups: Optional[jax.Array] = None) -> jax.Array:
   """Cold start: `num_clusters` points drawn uniformly with replacement, per head.
 
   Args:
     x: [G, N, D] points.
     num_clusters: K.
-    key: PRNG key; head g uses `fold_in(key, g)`.
+    key: PRNG key; head g uses `fold_in(key, groups[g])`.
     point_mask: optional [G, N] bool; only True points are drawn.
+    groups: optional [G] int index of each head in the whole clustering it belongs to
+      (may be traced); default `arange(G)`. A caller holding a slice of the heads passes
+      their global indices, so that each head draws what it would draw unsliced.
 
   Returns:
     [G, K, D] float32 centroids.
   """
   g, n, _ = x.shape
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(g))
+  if groups is None:
+    groups = jnp.arange(g)
+  elif tuple(groups.shape) != (g,):
+    raise ValueError(f"groups must be [G] = ({g},), got {tuple(groups.shape)}")
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(groups)
   if point_mask is None:
     idx = jax.vmap(lambda k: jax.random.randint(k, (num_clusters,), 0, n))(keys)
   else:

@@ -93,13 +93,15 @@ def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
                            **_attention_blocks())
 
 
-def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask):
+def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups):
   if (q_init is None) != (k_init is None):
     raise ValueError("give both warm-start centroids or neither")
   if q_init is None:
     key = jax.random.PRNGKey(cfg.seed)
-    q_init = kmeans.init_centroids(q, cfg.num_q_clusters, jax.random.fold_in(key, 0))
-    k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1), k_mask)
+    q_init = kmeans.init_centroids(q, cfg.num_q_clusters, jax.random.fold_in(key, 0),
+                                   groups=groups)
+    k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1), k_mask,
+                                   groups=groups)
     iters = cfg.kmeans_iters
   else:
     iters = cfg.kmeans_iters_warm
@@ -112,16 +114,18 @@ def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask):
 
 def centroids(q: jax.Array, k: jax.Array, cfg: SvgEarConfig, impl: str,
               q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
-              k_mask: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+              k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None
+              ) -> Tuple[jax.Array, jax.Array]:
   """The k-means stage of `cluster` alone: ([G, Kq, D], [G, Kk, D]) centroids of q and k
-  ([G, S, D]), cold when no init is given."""
-  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask)
+  ([G, S, D]), cold when no init is given (`groups` as in `cluster`)."""
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups)
   return q_res.centroids, k_res.centroids
 
 
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
             q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
-            k_mask: Optional[jax.Array] = None) -> Clusters:
+            k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None
+            ) -> Clusters:
   """k-means of q and of k (cold when no init is given), plus value centroids.
 
   Args:
@@ -130,8 +134,10 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     impl: "xla", "reference" or "pallas" (the assignment kernel).
     q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
     k_mask: optional [G, S] bool valid keys; invalid keys get label Kk (in no cluster).
+    groups: optional [G] int global index of each head, seeding its cold-start draw
+      (`kmeans.init_centroids`; default arange(G)); unused on a warm start.
   """
-  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask)
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups)
   # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
   if cfg.compensation != "variance":
     v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,

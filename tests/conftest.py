@@ -4,6 +4,13 @@ import sys
 
 import pytest
 
+# LLVM optimisation level 0 for XLA's CPU programs: the suite's time is mostly compiling
+# thousands of tiny programs whose run time is milliseconds, and level 0 compiles them ~25%
+# faster. Set before jax starts its backend; an XLA_FLAGS that already names it wins.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+
 # Tests import the packages from the checkout, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

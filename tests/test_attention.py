@@ -7,7 +7,7 @@ import pytest
 
 import numpy_reference as npr
 from svg_ear_jax import (SvgEarConfig, SvgEarState, dense_attention, dense_attention_reference,
-                         svg_ear_attention)
+                         global_head_ids, svg_ear_attention)
 from svg_ear_jax import reference, sparse_attention
 
 SMALL = dict(num_q_clusters=8, num_k_clusters=16, kmeans_iters=8)
@@ -247,6 +247,21 @@ def test_bad_state_raises():
     svg_ear_attention(q, k, v, cfg, state=(good.q_centroids, good.k_centroids))
   with pytest.raises(TypeError, match="SvgEarConfig"):
     svg_ear_attention(q, k, v, dict(routing="ear"))
+
+
+def test_head_ids_values_and_bad_head_ids():
+  """(That a head slice with its global head_ids cold-starts as the unsliced call: in
+  test_kmeans for the draw, in tests/parallel through the sharded models.)"""
+  np.testing.assert_array_equal(np.asarray(global_head_ids(2, 4)), np.arange(8).reshape(2, 4))
+  np.testing.assert_array_equal(
+      np.asarray(global_head_ids(1, 2, batch_offset=1, head_offset=jnp.int32(2), total_heads=4)),
+      [[6, 7]])
+  q = k = v = jnp.zeros((2, 32, 4, 8))
+  cfg = SvgEarConfig(num_q_clusters=4, num_k_clusters=8)
+  with pytest.raises(ValueError, match=r"head_ids must be \[B, H\] = \(2, 4\)"):
+    svg_ear_attention(q, k, v, cfg, head_ids=jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(TypeError, match="head_ids must be integers"):
+    svg_ear_attention(q, k, v, cfg, head_ids=jnp.zeros((2, 4)))
 
 
 def test_inside_flax_nnx_module():

@@ -133,3 +133,54 @@ def test_generate_benchmark_tiny(tmp_path):
   assert sparse["video_s"] == pytest.approx(want)
   assert 0 < sparse["density"] < 1 and rows["dense"]["density"] == 1
   assert "| tiny | mean_0.25 |" in open(out + ".md").read()
+
+
+def test_generate_settings_and_carry_accounting():
+  import argparse
+
+  from benchmarks import generate
+
+  assert generate.setting_name("variance_0.12") == "variance_0.12"
+  for bad in ("variance_0", "mean_1.5", "median_0.2", "variance_x"):
+    with pytest.raises(argparse.ArgumentTypeError, match="a setting is"):
+      generate.setting_name(bad)
+  dense = dict(resolution="720p", setting="dense", step_ms_warm=20_000.0)
+  rows = [dense] + [dict(resolution="720p", setting="variance_0.12", step_ms_cold=13_000.0,
+                         step_ms_warm=10_000.0, expert_switch=switch)
+                    for switch in ("cold", "carry")]
+  rows = generate.video_seconds(rows)
+  assert rows[0]["video_s"] == pytest.approx(800.0)
+  assert rows[1]["video_s"] == pytest.approx((8 * 20 + 2 * 13 + 30 * 10))  # two cold starts
+  assert rows[2]["video_s"] == pytest.approx((8 * 20 + 1 * 13 + 31 * 10))  # carry: one
+  assert rows[2]["speedup_vs_dense"] == pytest.approx(800.0 / 483.0)
+
+
+def test_other_weights_workload_and_kmeans_start_study(tmp_path, monkeypatch):
+  from benchmarks import kmeans_start
+
+  grid = workloads.Grid(2, 4, 8)
+  plain = workloads.structured(grid, 2, 16)
+  for a, b in zip(plain, workloads.structured(grid, 2, 16, other_weights=0.0)):
+    np.testing.assert_array_equal(a, b)
+  corr = [np.corrcoef(plain[0].ravel(), workloads.structured(
+      grid, 2, 16, other_weights=w)[0].ravel())[0, 1] for w in (0.25, 1.0)]
+  assert 0.5 < corr[0] < 0.999 and abs(corr[1]) < 0.5
+  with pytest.raises(ValueError, match="other_weights"):
+    workloads.structured(grid, 2, 16, other_weights=1.5)
+
+  tiny = quality.Preset(grid, heads=2, head_dim=16, num_q_clusters=4, num_k_clusters=8,
+                        densities=(0.3,), implementation="xla")
+  monkeypatch.setitem(quality.PRESETS, "tiny", tiny)
+  out = str(tmp_path / "ks")
+  assert kmeans_start.main(["--preset", "tiny", "--density", "0.3", "--cold-iters", "1", "4",
+                            "--alphas", "0", "1", "--switch-iters", "3", "--repeats", "1",
+                            "--out", out]) == 0
+  rows = json.load(open(out + ".json"))
+  assert [r["start"] for r in rows] == ["cold 1", "cold 4"] + ["carry 2", "carry 3",
+                                                               "cold 3", "cold 4"] * 2
+  assert all(np.isfinite(r["rel_err"]) and 0 < r["rel_err"] < 1 for r in rows)
+  # the same inputs and the same cold start give the same error, in either study
+  assert rows[1]["rel_err"] == pytest.approx(rows[5]["rel_err"])
+  assert "| switch | 1.00 | carry 2 |" in open(out + ".md").read()
+  with pytest.raises(SystemExit):
+    kmeans_start.main(["--preset", "tiny", "--alphas", "2"])

@@ -20,13 +20,18 @@ SMOKE_OUTPUTS = {  # (model, op, tiling) -> output shape at the smoke shapes
     ("wan2.1", "encode-i2v", "-"): [1, 16, 3, 8, 8],
     ("umt5-xxl", "encode-b1", "-"): [1, 16, 32],
     ("umt5-xxl", "encode-b2", "-"): [2, 16, 32],
+    ("llava-llama-3-8b", "encode-b1", "-"): [1, 16, 32],  # 16 + 8 tokens, the 8 cropped
+    ("llava-llama-3-8b", "encode-b2", "-"): [2, 16, 32],
+    ("clip-l", "encode-b1", "-"): [1, 32],  # pooled
+    ("clip-l", "encode-b2", "-"): [2, 32],
 }
 
 
 def test_smoke_runs_every_case(tmp_path):
   out = str(tmp_path)
-  # the VAEs in this process, UMT5 in a child process (and a second, cached one) merged in
-  assert components.main(["--smoke", "--only", "vae-wan21,vae-wan22,vae-hunyuan",
+  # the VAEs and HunyuanVideo's encoders in this process, UMT5 in a child process (and a
+  # second, cached one) merged in
+  assert components.main(["--smoke", "--only", "vae-wan21,vae-wan22,vae-hunyuan,llama,clip",
                           "--out-dir", out]) == 0
   import jax  # the smoke run's compile setting is this process's again
   assert not jax.config.values["jax_disable_most_optimizations"]
@@ -35,7 +40,8 @@ def test_smoke_runs_every_case(tmp_path):
   data = json.loads((tmp_path / "components_smoke.json").read_text())
   rows, meta = data["rows"], data["meta"]
   assert [r["case"] for r in rows] == [c.id for c in components.all_cases(["bf16"])
-                                       for _ in range(2 if c.kind in ("wan-encode", "umt5")
+                                       for _ in range(2 if c.kind == "wan-encode" or
+                                                      c.kind in components.ENCODER_KINDS
                                                       else 1)]
   assert {(r["model"], r["op"], r["tiling"]) for r in rows} == set(SMOKE_OUTPUTS)
   for r in rows:
@@ -53,6 +59,9 @@ def test_smoke_runs_every_case(tmp_path):
   assert (tmp_path / "logs" / "umt5_encode-bf16.log").exists()
   assert meta["card"] == "cpu" and meta["preset"] == "smoke"
   assert meta["shapes"]["hunyuan/spatial+temporal"] == [1, 4, 5, 8, 8]
+  llama = [r for r in rows if r["section"] == "llama"]
+  assert [r["input_shape"] for r in llama] == [[1, 24], [2, 24]]
+  assert all(r["traces"] is None and r["warm_ms"] > 0 for r in llama)
   md = (tmp_path / "components_smoke.md").read_text()
   assert all(c.id in md for c in components.all_cases(["bf16"]))
 

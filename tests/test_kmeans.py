@@ -35,6 +35,26 @@ def test_init_draws_points_with_replacement_per_head():
   assert not np.allclose(c[0], c[1])
 
 
+def test_init_groups_draw_as_the_unsliced_heads():
+  """Heads [o, o + 2) of 4 drawn alone with their global indices (offsets traced, under
+  jit and vmap) get the unsliced draw (the masked draw; both share the per-head keys)."""
+  x = _blobs(1, g=4, n=50, centers=2)
+  mask = jnp.arange(50)[None, :] < jnp.array([[50], [30], [40], [20]])
+  key = jax.random.PRNGKey(4)
+
+  @jax.jit
+  def draws(x, mask, key, offsets):  # arguments, not constants: XLA would fold the draws
+    cut = lambda a, o: jax.lax.dynamic_slice_in_dim(a, o, 2)
+    part = lambda o: kmeans.init_centroids(cut(x, o), 6, key, cut(mask, o),
+                                           groups=o + jnp.arange(2))
+    return kmeans.init_centroids(x, 6, key, mask), jax.vmap(part)(offsets)
+
+  full, parts = draws(x, mask, key, jnp.array([0, 2]))
+  np.testing.assert_array_equal(np.asarray(parts).reshape(full.shape), np.asarray(full))
+  with pytest.raises(ValueError, match=r"groups must be \[G\] = \(4,\)"):
+    kmeans.init_centroids(x, 6, key, groups=jnp.arange(2))
+
+
 def test_labels_are_argmin_and_sizes_count_them():
   x = _blobs(2)
   init = kmeans.init_centroids(x, 9, jax.random.PRNGKey(1))

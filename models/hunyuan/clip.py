@@ -16,13 +16,14 @@ Parameter names follow the transformers state dict (see `models.hunyuan.text_con
 
 import dataclasses
 import os
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.config_common import EncoderConfigMixin
 from models.hunyuan.llama import masked_softmax
 from models.layers import matmul_precision
 
@@ -44,7 +45,7 @@ LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773: pool at a
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(EncoderConfigMixin):
   """Text tower architecture (transformers `CLIPTextConfig` names and defaults), plus a dtype.
 
   Attributes:
@@ -70,6 +71,16 @@ class CLIPTextConfig:
   layer_norm_eps: float = 1e-5
   eos_token_id: int = 49407
   dtype: Any = jnp.float32
+
+  FAMILY: ClassVar[str] = "CLIP text encoder"
+
+  @classmethod
+  def variants(cls):
+    return {"clip-l": cls.clip_l}
+
+  def describe(self) -> str:
+    return (f"CLIP text encoder ({self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+            f"vocab {self.vocab_size})")
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -122,9 +133,6 @@ class CLIPTextConfig:
       raise ValueError(f"eos_token_id {fields['eos_token_id']!r}: a list is not supported "
                        "(transformers' pooling compares against a single id)")
     return cls(**{**fields, **overrides})
-
-  def replace(self, **changes) -> "CLIPTextConfig":
-    return dataclasses.replace(self, **changes)
 
 
 class CLIPTextOutput(NamedTuple):
@@ -268,8 +276,8 @@ class CLIPTextEncoder(nnx.Module):
                       progress: bool = False,
                       device: Optional[jax.Device] = None) -> "CLIPTextEncoder":
     """Loads a local transformers `CLIPTextModel` save (a diffusers HunyuanVideo
-    `text_encoder_2/` folder, or a pipeline folder holding one); see
-    `models.hunyuan.text_convert.load_clip`."""
+    `text_encoder_2/` folder, or a pipeline folder holding one) or a folder written by
+    `svg-ear-convert clip` (no torch needed); see `models.hunyuan.text_convert.load_clip`."""
     from models.hunyuan.text_convert import load_clip
 
     return load_clip(path, dtype=dtype, progress=progress, device=device)

@@ -24,13 +24,14 @@ transformers state dict (see `models.hunyuan.text_convert`); Linear kernels are 
 import dataclasses
 import math
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, ClassVar, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.config_common import EncoderConfigMixin
 from models.layers import matmul_precision
 
 ROPE_TYPES = ("default", "llama3")
@@ -38,7 +39,7 @@ _ACTS = {"silu": jax.nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(EncoderConfigMixin):
   """Decoder architecture (transformers `LlamaConfig` names and defaults), plus a dtype.
 
   Attributes:
@@ -82,6 +83,16 @@ class LlamaConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   dtype: Any = jnp.float32
+
+  FAMILY: ClassVar[str] = "Llama encoder"
+
+  @classmethod
+  def variants(cls):
+    return {"llava-llama-3-8b": cls.llava_llama3_8b}
+
+  def describe(self) -> str:
+    return (f"Llama encoder ({self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+            f"vocab {self.vocab_size})")
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -182,9 +193,6 @@ class LlamaConfig:
       if orig is not None:
         fields["rope_original_max_position_embeddings"] = int(orig)
     return cls(**{**fields, **overrides})
-
-  def replace(self, **changes) -> "LlamaConfig":
-    return dataclasses.replace(self, **changes)
 
 
 def resolve_hidden_state_index(index: int, num_layers: int) -> int:
@@ -421,7 +429,8 @@ class LlamaEncoder(nnx.Module):
                       device: Optional[jax.Device] = None) -> "LlamaEncoder":
     """Loads a local transformers `LlamaModel` / `LlamaForCausalLM` /
     `LlavaForConditionalGeneration` save (a diffusers HunyuanVideo `text_encoder/` folder, or
-    a pipeline folder holding one); see `models.hunyuan.text_convert.load_llama`."""
+    a pipeline folder holding one) or a folder written by `svg-ear-convert llama` (no torch
+    needed); see `models.hunyuan.text_convert.load_llama`."""
     from models.hunyuan.text_convert import load_llama
 
     return load_llama(path, dtype=dtype, up_to_hidden_state=up_to_hidden_state,

@@ -16,7 +16,6 @@ silently skips CFG); the text encoders and the VAE are the JAX ports, loaded on 
 """
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -105,6 +104,13 @@ class HunyuanVideoPipeline:
       encoder, the CLIP tokenizer and text model, the `HunyuanVAE`; or None (with
       `from_pretrained` they load from the folder on first use).
     fps: frames per second of mp4 output (default 24, the official repo's).
+
+  Sequence parallelism (`from_pretrained(..., mesh=)` or `set_mesh`): the DiT runs
+  Ulysses-sharded over the mesh (models/parallel.py; true CFG's batch of 2 can go over a
+  "data" axis of 2); the loop's latents, embeddings and scheduler state are replicated on
+  it and the k-means state stays sharded by head from step to step (models/denoise.py).
+  The tokenizers, Llama, CLIP and the VAE stay single-device: prompt embeddings are moved
+  onto the mesh, the final latents off it (onto this process's first device) for decoding.
   """
 
   TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
@@ -145,13 +151,23 @@ class HunyuanVideoPipeline:
     """(expert, graph, cfg mode) -> traces of the forward, ("scheduler",) -> traces."""
     return self._denoiser.trace_counts
 
+  @property
+  def mesh(self) -> Optional[jax.sharding.Mesh]:
+    """The mesh the DiT runs on, None on the single-device path."""
+    return self._denoiser.mesh
+
+  def set_mesh(self, mesh: Optional[jax.sharding.Mesh], *, fsdp: bool = False) -> None:
+    """The DiT onto `mesh` (`HunyuanVideoTransformer.set_mesh`: replicated weights, or the
+    block weights sharded with `fsdp`); None: back to one device."""
+    self._denoiser.set_mesh(mesh, fsdp=fsdp)
+
   # Loading.
 
   @classmethod
   def from_pretrained(cls, path: PathLike, *, dtype: Any = jnp.bfloat16,
                       attention: AttentionLike = None, flow_shift: Optional[float] = None,
-                      vae_dtype: Any = jnp.float32, text_encoder_dtype: Any = None
-                      ) -> "HunyuanVideoPipeline":
+                      vae_dtype: Any = jnp.float32, text_encoder_dtype: Any = None,
+                      mesh: Optional[jax.sharding.Mesh] = None) -> "HunyuanVideoPipeline":
     """From a local diffusers HunyuanVideo pipeline folder (`model_index.json`,
     `transformer/`, `scheduler/`; tokenizers, text encoders and VAE optional, loaded on
     first use). Nothing is downloaded.
@@ -163,6 +179,9 @@ class HunyuanVideoPipeline:
       vae_dtype: VAE weights / compute (float32 by default; diffusers' HunyuanVideo
         examples run it in float16, bfloat16 halves its memory too).
       text_encoder_dtype: Llama / CLIP weights (default: `dtype`).
+      mesh: run the DiT Ulysses sequence-parallel over this mesh (axes "seq" and
+        optionally "data"; see the class doc); None: one device. The VAE and the text
+        encoders load single-device either way.
     """
     from models.hunyuan import convert
 
@@ -170,7 +189,7 @@ class HunyuanVideoPipeline:
     folder.require("transformer", "scheduler")
     root, present = folder.root, folder.has
     transformer = convert.from_pretrained(root / "transformer", dtype=dtype,
-                                          attention=attention)
+                                          attention=attention, mesh=mesh)
     overrides = {}
     if flow_shift is not None:
       overrides["shift"] = sampling.check_real("flow_shift", flow_shift)
@@ -181,9 +200,9 @@ class HunyuanVideoPipeline:
     if present("vae"):
       from models.hunyuan.vae import HunyuanVAE
       loaders["vae"] = lambda: HunyuanVAE.from_pretrained(root / "vae", dtype=vae_dtype)
-      raw = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
-      temporal = int(raw.get("temporal_compression_ratio", temporal))
-      spatial = int(raw.get("spatial_compression_ratio", spatial))
+      from models.hunyuan.vae_convert import read_config
+      vae_cfg = read_config(root / "vae")  # any layout, converted included; no weights read
+      temporal, spatial = vae_cfg.temporal_compression_ratio, vae_cfg.spatial_compression_ratio
     for name in ("tokenizer", "tokenizer_2"):
       if present(name):
         from models.tokenizer import Tokenizer
@@ -346,6 +365,7 @@ class HunyuanVideoPipeline:
         timesteps=timesteps, experts=("transformer",) * num_inference_steps,
         scales=(true_cfg_scale if do_cfg else 1.0,) * num_inference_steps,
         dense=schedule.dense_flags(num_inference_steps))
+    self._denoiser.check_batch(plan, batch, cfg_batch)
 
     # ---- device work
     watch = comp.Stopwatch()
@@ -388,7 +408,8 @@ class HunyuanVideoPipeline:
     frames, paths = None, ()
     if output_type != "latent":
       vae = self.parts.get("vae", f"output_type={output_type!r}")
-      video = watch.run("vae_decode", lambda: vae.decode(loop.latents))
+      video = watch.run("vae_decode",
+                        lambda: vae.decode(self._denoiser.to_one_device(loop.latents)))
       frames = comp.postprocess_video(video)
       if output_type == "mp4":
         paths = tuple(watch.run("mp4", lambda: comp.write_videos(frames, output_path,

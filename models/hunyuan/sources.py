@@ -4,7 +4,8 @@
 `keys`, `shape`, `dtype` and `read`. Here are two more such sources beside
 `SafetensorsCheckpoint`:
   * `TorchCheckpoint`: the original release's torch pickle
-    (`mp_rank_00_model_states.pt`, tensors under "module"), memory-mapped (needs torch);
+    (`mp_rank_00_model_states.pt`, tensors under "module"), memory-mapped (needs torch;
+    `convert_common.TorchPickleCheckpoint` with that release's unwrapping and messages);
   * `SlicedCheckpoint`: any of them with fused tensors (the original `img_attn_qkv`,
     `linear1`, ...) replaced by the row blocks the model needs (`RowSlice`), each read
     alone, so a fused tensor is never read twice.
@@ -20,7 +21,6 @@ import numpy as np
 
 from models import convert_common as cc
 
-PICKLE_SUFFIXES = (".pt", ".pth")
 _STATE_WRAPPERS = ("module", "model", "state_dict")  # as diffusers' conversion script
 
 
@@ -46,75 +46,33 @@ class RowSlice:
     return sum(b - a for a, b in self.rows)
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(cc.TorchPickleCheckpoint):
   """A local torch pickle state dict, memory-mapped (`torch.load(mmap=True,
-  weights_only=True)`): tensors are read one at a time. Nested "module" / "model" /
-  "state_dict" wrappers are unwrapped."""
+  weights_only=True)`): tensors are read one at a time. Nested single-key "module" /
+  "model" / "state_dict" wrappers are unwrapped. `convert_common.TorchPickleCheckpoint`
+  with the original DiT release's rules: no fallback to reading a legacy pickle whole, and
+  a plain `CheckpointError` without torch."""
 
-  def __init__(self, location: Path):
-    self.location = Path(location)
+  def _import_torch(self):
     try:
       import torch
     except ImportError as err:
       raise cc.CheckpointError(f"{self.location}: reading a torch pickle needs torch; install "
                                "it or convert the file to safetensors") from err
-    self._torch = torch
+    return torch
+
+  @staticmethod
+  def _unwrap(state: Any) -> Any:
+    while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _STATE_WRAPPERS:
+      state = next(iter(state.values()))
+    return state
+
+  def _load(self, torch):
     try:
-      state = torch.load(str(self.location), map_location="cpu", weights_only=True, mmap=True)
+      return torch.load(str(self.location), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # pickle, zip and mmap errors alike
       raise cc.CheckpointError(f"cannot read torch checkpoint {self.location} (truncated or "
                                f"corrupt?): {err}") from err
-    while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _STATE_WRAPPERS:
-      state = next(iter(state.values()))
-    if not isinstance(state, Mapping):
-      raise cc.CheckpointError(f"{self.location}: not a state dict ({type(state).__name__})")
-    for key, value in state.items():
-      if not isinstance(value, torch.Tensor):
-        raise cc.CheckpointError(f"key '{key}' in file {self.location} is a "
-                                 f"{type(value).__name__}, not a tensor")
-    self._tensors = dict(state)
-    self.file_of = {key: self.location for key in self._tensors}
-
-  def keys(self) -> List[str]:
-    return list(self._tensors)
-
-  def shape(self, key: str) -> Tuple[int, ...]:
-    return tuple(self._tensors[key].shape)
-
-  def dtype(self, key: str) -> str:
-    """The safetensors name of the dtype (fp8 and integer dtypes keep torch's name, which
-    `check_keys` rejects: the fp8 release needs its scale map)."""
-    torch = self._torch
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-             torch.bfloat16: "BF16"}
-    dtype = self._tensors[key].dtype
-    return names.get(dtype, str(dtype))
-
-  def read(self, key: str) -> np.ndarray:
-    return self._numpy(key, self._tensors[key])
-
-  def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
-    return self._numpy(key, self._tensors[key][start:stop])
-
-  def _numpy(self, key: str, tensor) -> np.ndarray:
-    try:
-      if tensor.dtype == self._torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits
-        import ml_dtypes
-
-        return tensor.contiguous().view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
-      return tensor.numpy()
-    except Exception as err:
-      raise cc.CheckpointError(f"cannot read key '{key}' from file {self.location}: {err}") \
-          from err
-
-  def close(self) -> None:
-    self._tensors = {}
-
-  def __enter__(self) -> "TorchCheckpoint":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 Checkpoint = Union[cc.SafetensorsCheckpoint, TorchCheckpoint]
@@ -125,13 +83,13 @@ def open_checkpoint(location: Path) -> Checkpoint:
   `TorchCheckpoint`; anything else as a `SafetensorsCheckpoint`."""
   location = Path(location)
   if location.is_dir() and not any(location.glob("*.safetensors")):
-    pickles = sorted(p for p in location.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p for p in location.iterdir() if p.suffix in cc.PICKLE_SUFFIXES)
     if len(pickles) > 1:
       raise cc.CheckpointError(f"{location}: several torch checkpoints "
                                f"{[p.name for p in pickles]}; pass the file to convert")
     if pickles:
       location = pickles[0]
-  if location.is_file() and location.suffix in PICKLE_SUFFIXES:
+  if location.is_file() and location.suffix in cc.PICKLE_SUFFIXES:
     return TorchCheckpoint(location)
   return cc.SafetensorsCheckpoint(location)
 
@@ -182,7 +140,7 @@ class SlicedCheckpoint:
     piece = self._slices.get(key)
     if piece is None:
       return self._ckpt.read(key)
-    if isinstance(self._ckpt, TorchCheckpoint):
+    if isinstance(self._ckpt, cc.TorchPickleCheckpoint):
       parts = [self._ckpt.read_rows(piece.key, a, b) for a, b in piece.rows]
     else:
       parts = self._safetensors_rows(piece)

@@ -1,8 +1,13 @@
 """transformers text-encoder checkpoints (HunyuanVideo's `text_encoder/` and
-`text_encoder_2/` folders) -> `LlamaEncoder` and `CLIPTextEncoder`.
+`text_encoder_2/` folders) -> `LlamaEncoder` and `CLIPTextEncoder`, and conversion to
+Orbax (`svg-ear-convert llama` / `clip`).
 
-A folder is a transformers `save_pretrained`: `config.json` plus `model.safetensors`, or
-shards listed by `model.safetensors.index.json`. Every key must map to a parameter or be in
+A source folder is a transformers `save_pretrained`: `config.json` plus `model.safetensors`,
+or shards listed by `model.safetensors.index.json`; or a folder written by `convert_llama` /
+`convert_clip` (marker `svg_ear_jax.json` with format "svg-ear-jax/llama" or
+"svg-ear-jax/clip" + config, parameters as Orbax in `params/`; all Llama layers are stored,
+and `up_to_hidden_state` restores only those it needs). A pipeline folder holding either in
+`text_encoder/` / `text_encoder_2/` is read the same. Every key must map to a parameter or be in
 the explicit ignore lists below, and every parameter must have its key with the torch shape;
 headers are checked before any tensor is read, then tensors are streamed one by one
 (`convert_common.SafetensorsCheckpoint`).
@@ -41,6 +46,9 @@ from models import convert_common as cc
 from models.hunyuan.clip import CLIPTextConfig, CLIPTextEncoder
 from models.hunyuan.llama import LlamaConfig, LlamaEncoder, resolve_hidden_state_index
 
+LLAMA_FORMAT = "svg-ear-jax/llama"
+CLIP_FORMAT = "svg-ear-jax/clip"
+FORMAT_VERSION = 1
 # Save class -> prefix of its LlamaModel keys.
 LLAMA_FORMATS = {
     "LlamaModel": "",
@@ -161,14 +169,32 @@ class _Without:
     return list(self.file_of)
 
 
-def _folder(location: os.PathLike, name: str) -> Path:
+def _find_source(location: os.PathLike, name: str, fmt: str) -> Tuple[str, Path]:
   location = Path(location)
   if location.suffix in _PICKLES:
     raise cc.CheckpointError(f"{location}: torch pickles are not supported; pass a "
                              f"transformers {name}/ folder (safetensors)")
   if not location.exists():
     raise cc.CheckpointError(f"{location}: no such file or folder")
-  return cc.component_folder(location, name)
+  folder = cc.component_folder(location, name)
+  if cc.read_marker(folder, fmt, FORMAT_VERSION) is not None:
+    return "converted", folder
+  return "transformers", folder
+
+
+def find_llama_source(location: os.PathLike) -> Tuple[str, Path]:
+  """("converted" | "transformers", folder or file) of a local Llama checkpoint: `location`
+  or the `text_encoder/` of a pipeline folder.
+
+  Raises:
+    CheckpointError: no such path; a torch pickle; another component's converted folder.
+  """
+  return _find_source(location, "text_encoder", LLAMA_FORMAT)
+
+
+def find_clip_source(location: os.PathLike) -> Tuple[str, Path]:
+  """As `find_llama_source`, for CLIP (a pipeline's `text_encoder_2/`)."""
+  return _find_source(location, "text_encoder_2", CLIP_FORMAT)
 
 
 def _check_table(model: nnx.Module, rules: Dict[str, cc.Rule], what: str) -> None:
@@ -213,6 +239,12 @@ def clip_prefix(keys: Sequence[str]) -> str:
   return _find_prefix(keys, CLIP_FORMATS, "embeddings.token_embedding.weight", "CLIP text")
 
 
+def _layers_needed(cfg: LlamaConfig, up_to_hidden_state: Optional[int]) -> int:
+  if up_to_hidden_state is None:
+    return cfg.num_hidden_layers
+  return resolve_hidden_state_index(up_to_hidden_state, cfg.num_hidden_layers)
+
+
 def load_llama(location: os.PathLike, *, config: Optional[LlamaConfig] = None,
                dtype: Any = jnp.float32, up_to_hidden_state: Optional[int] = None,
                progress: bool = False, device: Optional[jax.Device] = None) -> LlamaEncoder:
@@ -220,9 +252,11 @@ def load_llama(location: os.PathLike, *, config: Optional[LlamaConfig] = None,
 
   Args:
     location: the `text_encoder/` folder (or a pipeline folder holding one, or a
-      .safetensors file next to its config.json).
-    config: architecture to use instead of config.json.
-    dtype: weight and compute dtype ("bf16", "fp32", "fp16" or a dtype).
+      .safetensors file next to its config.json), or a converted folder.
+    config: architecture to use instead of config.json / the stored one (for a converted
+      folder it must have the stored architecture).
+    dtype: weight and compute dtype ("bf16", "fp32", "fp16" or a dtype); None: float32, or
+      as stored for a converted folder.
     up_to_hidden_state: read only what `hidden_states[i]` needs (e.g. -3 for HunyuanVideo:
       the last two layers and the final norm are checked but not read); None: everything.
     progress: show a tqdm bar.
@@ -231,18 +265,19 @@ def load_llama(location: os.PathLike, *, config: Optional[LlamaConfig] = None,
   Raises:
     CheckpointError: no or bad config.json; a torch pickle; unreadable (truncated, corrupt)
       file; unknown, missing, mis-shaped or non-float key (the message names the key and its
-      file).
+      file); a converted folder of another component or architecture.
   """
-  location = _folder(location, "text_encoder")
+  kind, location = find_llama_source(location)
+  if kind == "converted":
+    return load_llama_converted(location, config=config, dtype=dtype,
+                                up_to_hidden_state=up_to_hidden_state, device=device)
+  dtype = jnp.float32 if dtype is None else dtype
   cfg = config if config is not None else load_llama_config(location)
   cfg = cfg.replace(dtype=cc.parse_dtype(dtype))
-  keep = cfg.num_hidden_layers
-  if up_to_hidden_state is not None:
-    keep = resolve_hidden_state_index(up_to_hidden_state, cfg.num_hidden_layers)
+  keep = _layers_needed(cfg, up_to_hidden_state)
   full = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0)))
   model = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0), num_layers=keep))
-  what = (f"the Llama encoder ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size})")
+  what = f"the {cfg.describe()}"
   _check_table(full, llama_key_table(cfg), what)
   with cc.SafetensorsCheckpoint(location) as ckpt:
     prefix = llama_prefix(ckpt.keys())
@@ -263,21 +298,25 @@ def load_clip(location: os.PathLike, *, config: Optional[CLIPTextConfig] = None,
 
   Args:
     location: the `text_encoder_2/` folder (or a pipeline folder holding one, or a
-      .safetensors file next to its config.json).
-    config: architecture to use instead of config.json.
-    dtype: weight and compute dtype ("bf16", "fp32", "fp16" or a dtype).
+      .safetensors file next to its config.json), or a converted folder.
+    config: architecture to use instead of config.json / the stored one (for a converted
+      folder it must have the stored architecture).
+    dtype: weight and compute dtype ("bf16", "fp32", "fp16" or a dtype); None: float32, or
+      as stored for a converted folder.
     progress: show a tqdm bar.
     device: where the weights go (default device if None).
 
   Raises:
     CheckpointError: as `load_llama`.
   """
-  location = _folder(location, "text_encoder_2")
+  kind, location = find_clip_source(location)
+  if kind == "converted":
+    return load_clip_converted(location, config=config, dtype=dtype, device=device)
+  dtype = jnp.float32 if dtype is None else dtype
   cfg = config if config is not None else load_clip_config(location)
   cfg = cfg.replace(dtype=cc.parse_dtype(dtype))
-  model = nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0)))
-  what = (f"the CLIP text encoder ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size})")
+  model = _abstract_clip(cfg)
+  what = f"the {cfg.describe()}"
   _check_table(model, clip_key_table(cfg), what)
   with cc.SafetensorsCheckpoint(location) as ckpt:
     prefix = clip_prefix(ckpt.keys())
@@ -287,3 +326,60 @@ def load_clip(location: os.PathLike, *, config: Optional[CLIPTextConfig] = None,
     cc.check_keys(_Without(ckpt, ignored), rules, {p: s.shape for p, s in specs.items()}, what)
     cc.stream_params(model, ckpt, rules, list(rules), device=device, progress=progress)
   return model
+
+
+# --- converted folders --------------------------------------------------------------------------
+
+def _abstract_clip(cfg: CLIPTextConfig) -> CLIPTextEncoder:
+  return nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def _stored(folder: os.PathLike, fmt: str, config_cls: type, config: Any, dtype: Any):
+  folder = Path(folder)
+  marker = cc.read_marker(folder, fmt, FORMAT_VERSION)
+  if marker is None:
+    raise cc.CheckpointError(f"{folder}: not a converted {config_cls.FAMILY} (no "
+                             f"{cc.MARKER})")
+  return folder, cc.stored_config(marker, config_cls, folder, config, dtype)
+
+
+def load_llama_converted(folder: os.PathLike, *, config: Optional[LlamaConfig] = None,
+                         dtype: Any = None, up_to_hidden_state: Optional[int] = None,
+                         device: Optional[jax.Device] = None) -> LlamaEncoder:
+  """A `LlamaEncoder` from a folder written by `convert_llama` (dtype None: as stored);
+  with `up_to_hidden_state`, only the layers that hidden state needs are read."""
+  folder, cfg = _stored(folder, LLAMA_FORMAT, LlamaConfig, config, dtype)
+  keep = _layers_needed(cfg, up_to_hidden_state)
+  model = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0), num_layers=keep))
+  return cc.restore_params(model, folder / cc.PARAMS_DIR, device=device,
+                           partial=keep < cfg.num_hidden_layers)
+
+
+def load_clip_converted(folder: os.PathLike, *, config: Optional[CLIPTextConfig] = None,
+                        dtype: Any = None,
+                        device: Optional[jax.Device] = None) -> CLIPTextEncoder:
+  """A `CLIPTextEncoder` from a folder written by `convert_clip` (dtype None: as stored)."""
+  folder, cfg = _stored(folder, CLIP_FORMAT, CLIPTextConfig, config, dtype)
+  return cc.restore_params(_abstract_clip(cfg), folder / cc.PARAMS_DIR, device=device)
+
+
+def convert_llama(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.bfloat16,
+                  config: Optional[LlamaConfig] = None, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+  """Converts a local Llama / LLaVA save (any source `load_llama` reads; every layer) to a
+  folder that `load_llama` / `LlamaEncoder.from_pretrained` read without torch
+  (`convert_common.convert_source`: on the host CPU, nothing left at `dst` on error).
+  bfloat16 by default: the pipeline runs the encoder in its DiT dtype (HunyuanVideo: fp16).
+  Returns `dst` as an absolute path."""
+  return cc.convert_source(load_llama, find_llama_source, src, dst, LLAMA_FORMAT,
+                           FORMAT_VERSION, lambda model: model.cfg.to_dict(),
+                           overwrite=overwrite, config=config, dtype=dtype, progress=progress)
+
+
+def convert_clip(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.bfloat16,
+                 config: Optional[CLIPTextConfig] = None, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+  """As `convert_llama`, for a `CLIPTextModel` save (any source `load_clip` reads)."""
+  return cc.convert_source(load_clip, find_clip_source, src, dst, CLIP_FORMAT,
+                           FORMAT_VERSION, lambda model: model.cfg.to_dict(),
+                           overwrite=overwrite, config=config, dtype=dtype, progress=progress)

@@ -18,7 +18,6 @@ rule; the loop is `models.denoise.Denoiser`.
 """
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -151,11 +150,21 @@ class WanPipeline:
     vae_scale_factor_temporal, vae_scale_factor_spatial: latent compression (4, 8; TI2V-5B's
       VAE: 4, 16); taken from `vae` when it is given.
     offload_idle_expert: keep the expert not in use in host memory (pinned host memory
-      where the device has it, else numpy copies) and move it in at the switch.
+      where the device has it, else numpy copies) and move it in at the switch. With the
+      DiTs on a mesh, every device's copy (or FSDP shard) goes to its host memory and
+      comes back to the same sharding.
     tokenizer, text_encoder, vae: `Tokenizer`, `UMT5Encoder`, `WanVAE` (or None); with
       `from_pretrained` they load from the folder on first use.
     fps: frames per second of mp4 output (Wan's official: 16 for A14B, 24 for TI2V-5B;
       default by model type).
+
+  Sequence parallelism (`from_pretrained(..., mesh=)` or `set_mesh`): both experts run
+  Ulysses-sharded over one mesh (models/parallel.py); the loop's latents, embeddings and
+  scheduler state are replicated on it and the k-means state stays sharded by head from
+  step to step (models/denoise.py). The tokenizer, UMT5 and the VAE stay single-device:
+  prompt embeddings and image latents are moved onto the mesh, the final latents off it
+  (onto this process's first device) for decoding. `transformer` and `transformer_2`
+  given on meshes must share one.
   """
 
   def __init__(self, transformer: Union[WanTransformer, WanExpertPair], scheduler, *,
@@ -229,13 +238,25 @@ class WanPipeline:
   def _experts(self) -> Dict[str, denoise.Expert]:
     return self._denoiser.experts
 
+  @property
+  def mesh(self) -> Optional[jax.sharding.Mesh]:
+    """The mesh the DiTs run on, None on the single-device path."""
+    return self._denoiser.mesh
+
+  def set_mesh(self, mesh: Optional[jax.sharding.Mesh], *, fsdp: bool = False) -> None:
+    """Both experts onto `mesh` (`WanTransformer.set_mesh`: replicated weights, or the
+    block weights sharded with `fsdp`); None: back to one device. ValueError when an
+    expert's head count does not divide by the mesh's "seq" size (nothing moved then)."""
+    self._denoiser.set_mesh(mesh, fsdp=fsdp)
+
   # Loading.
 
   @classmethod
   def from_pretrained(cls, path: PathLike, *, dtype: Any = jnp.bfloat16,
                       attention: AttentionLike = None, flow_shift: Optional[float] = None,
                       offload_idle_expert: bool = False, vae_dtype: Any = jnp.float32,
-                      text_encoder_dtype: Any = None) -> "WanPipeline":
+                      text_encoder_dtype: Any = None,
+                      mesh: Optional[jax.sharding.Mesh] = None) -> "WanPipeline":
     """From a local diffusers Wan pipeline folder (`model_index.json`, `transformer/`
     (+ `transformer_2/`), `scheduler/`); tokenizer, text encoder and VAE may be absent (a
     call that needs one names it) and load on first use.
@@ -250,13 +271,16 @@ class WanPipeline:
       offload_idle_expert: see the class doc.
       vae_dtype: VAE weights / compute (diffusers' Wan examples keep the VAE in float32).
       text_encoder_dtype: UMT5 weights / compute (default: `dtype`).
+      mesh: run both DiTs Ulysses sequence-parallel over this mesh (axes "seq" and
+        optionally "data"; see the class doc); None: one device. The VAE and the text
+        encoder load single-device either way.
     """
     from models.wan import convert
 
     folder = comp.PipelineFolder(path)
     folder.require("transformer", "scheduler")
     root, index, present = folder.root, folder.index, folder.has
-    kw = dict(dtype=dtype, attention=attention)
+    kw = dict(dtype=dtype, attention=attention, mesh=mesh)
     transformer = convert.from_pretrained(root / "transformer", **kw)
     transformer_2 = (convert.from_pretrained(root / "transformer_2", **kw)
                      if present("transformer_2") else None)
@@ -267,15 +291,30 @@ class WanPipeline:
       overrides[key] = sampling.check_real("flow_shift", flow_shift)
     scheduler = scheduler_from_pretrained(root, **overrides)
     temporal, spatial = 4, 8  # diffusers' values without a VAE
-    vae_config = root / "vae" / "config.json"
-    if present("vae") and vae_config.is_file():
-      vae = json.loads(vae_config.read_text(encoding="utf-8"))
-      temporal = int(vae.get("scale_factor_temporal", temporal))
-      spatial = int(vae.get("scale_factor_spatial", spatial))
+    if present("vae"):
+      from models.wan.vae_convert import read_config
+      vae_cfg = read_config(root / "vae")  # any layout, converted included; no weights read
+      if vae_cfg is not None:
+        temporal, spatial = vae_cfg.scale_factor_temporal, vae_cfg.scale_factor_spatial
+      elif transformer.config.out_channels == 48:
+        # an original Wan2.2_VAE.pth (its config is only in its tensor shapes): the z = 48
+        # VAE is the 16x one (checked against the VAE itself when it loads)
+        spatial = 16
     loaders = {}
     if present("vae"):
       from models.wan.vae import WanVAE
-      loaders["vae"] = lambda: WanVAE.from_pretrained(root / "vae", dtype=vae_dtype)
+
+      def load_vae():
+        vae = WanVAE.from_pretrained(root / "vae", dtype=vae_dtype)
+        got = (vae.config.scale_factor_temporal, vae.config.scale_factor_spatial)
+        if got != (temporal, spatial):
+          raise ValueError(f"{root / 'vae'}: the VAE compresses {got[0]}x in time and "
+                           f"{got[1]}x in space, not the {temporal}x / {spatial}x this "
+                           f"pipeline assumed for a {transformer.config.out_channels}-channel "
+                           f"transformer")
+        return vae
+
+      loaders["vae"] = load_vae
     if present("text_encoder"):
       from models.wan.umt5 import UMT5Encoder
       te_dtype = dtype if text_encoder_dtype is None else text_encoder_dtype
@@ -451,6 +490,7 @@ class WanPipeline:
         experts=tuple("transformer" if h else "transformer_2" for h in high),
         scales=tuple(guidance_scale if h else guidance_scale_2 for h in high),
         dense=schedule.dense_flags(num_inference_steps))
+    self._denoiser.check_batch(plan, batch, cfg_batch)
     if plan.any_cfg and negative_prompt_embeds is None:
       self._require_text("CFG without negative_prompt_embeds (the empty negative prompt is "
                          "encoded)")
@@ -485,13 +525,15 @@ class WanPipeline:
     if latents is None:
       latents = sampling.random_latents(0 if seed is None else seed, shape)
     dtype = cfg.dtype
+    place = self._denoiser.place  # onto the DiTs' mesh (identity without one)
     model_input, token_mask, blend = None, None, None
     if conditioning == "concat":
-      condition = jnp.concatenate([_i2v_mask(shape), image_latents.astype(jnp.float32)], axis=1)
+      condition = place(jnp.concatenate([_i2v_mask(shape), image_latents.astype(jnp.float32)],
+                                        axis=1))
       model_input = lambda x: _i2v_input_jit(x, condition)
     elif conditioning == "first_frame":
-      mask = jnp.ones((1, 1, *shape[2:]), jnp.float32).at[:, :, 0].set(0.0)
-      image_f32 = image_latents.astype(jnp.float32)
+      mask, image_f32 = place((jnp.ones((1, 1, *shape[2:]), jnp.float32).at[:, :, 0].set(0.0),
+                               image_latents.astype(jnp.float32)))
       blend = lambda x: _blend_jit(x, image_f32, mask)
       model_input = blend
       token_mask = mask[0, 0][:, ::2, ::2].reshape(-1)
@@ -512,7 +554,7 @@ class WanPipeline:
     frames, paths = None, ()
     if output_type != "latent":
       vae = self.parts.get("vae", f"output_type={output_type!r}")
-      video = watch.run("vae_decode", lambda: vae.decode(final))
+      video = watch.run("vae_decode", lambda: vae.decode(self._denoiser.to_one_device(final)))
       frames = comp.postprocess_video(video)
       if output_type == "mp4":
         paths = tuple(watch.run("mp4", lambda: comp.write_videos(frames, output_path,

@@ -17,13 +17,14 @@ as transformers does; bfloat16 (Wan's T5 dtype) has neither exception.
 import dataclasses
 import math
 import os
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.config_common import EncoderConfigMixin
 from models.layers import matmul_precision
 
 # feed_forward_proj -> transformers' `dense_act_fn` (gelu_new = tanh-approximated GELU).
@@ -31,7 +32,7 @@ _GATED_ACTS = {"gated-gelu": "gelu_new"}
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(EncoderConfigMixin):
   """Encoder architecture (transformers `UMT5Config` names and defaults), plus a dtype.
 
   Attributes:
@@ -60,6 +61,16 @@ class UMT5Config:
   feed_forward_proj: str = "gated-gelu"
   layer_norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
+
+  FAMILY: ClassVar[str] = "UMT5 encoder"
+
+  @classmethod
+  def variants(cls):
+    return {"umt5-xxl": cls.umt5_xxl}
+
+  def describe(self) -> str:
+    return (f"UMT5 encoder ({self.num_layers} layers, d_model {self.d_model}, vocab "
+            f"{self.vocab_size})")
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -105,9 +116,6 @@ class UMT5Config:
                        "bias)")
     names = [f.name for f in dataclasses.fields(cls) if f.name != "dtype"]
     return cls(**{**{k: raw[k] for k in names if k in raw}, **overrides})
-
-  def replace(self, **changes) -> "UMT5Config":
-    return dataclasses.replace(self, **changes)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:

@@ -23,7 +23,6 @@ Every key must map to a parameter and every parameter must have its key, with th
 shape; headers are checked before any tensor is read, then tensors are streamed one by one.
 """
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -98,22 +97,6 @@ def to_state_dict(model: UMT5Encoder) -> Dict[str, np.ndarray]:
 def to_original_state_dict(model: UMT5Encoder) -> Dict[str, np.ndarray]:
   """The model's parameters as a Wan `T5Encoder` state dict of NumPy arrays (torch layout)."""
   return _state_dict(model, original_key_table(model.cfg))
-
-
-def config_to_dict(cfg: UMT5Config) -> Dict[str, Any]:
-  """JSON-serialisable fields (dtype by name)."""
-  out = dataclasses.asdict(cfg)
-  out["dtype"] = jnp.dtype(cfg.dtype).name
-  return out
-
-
-def config_from_dict(data: Dict[str, Any]) -> UMT5Config:
-  """Inverse of `config_to_dict`; unknown fields are an error."""
-  names = {f.name for f in dataclasses.fields(UMT5Config)}
-  unknown = sorted(set(data) - names)
-  if unknown:
-    raise ValueError(f"unknown UMT5Config fields {unknown}")
-  return UMT5Config(**data)
 
 
 def infer_original_config(ckpt: Any) -> UMT5Config:
@@ -191,8 +174,7 @@ def find_source(location: os.PathLike) -> Tuple[str, Path]:
 
 
 def _what(cfg: UMT5Config) -> str:
-  return (f"the UMT5 encoder ({cfg.num_layers} layers, d_model {cfg.d_model}, vocab "
-          f"{cfg.vocab_size})")
+  return f"the {cfg.describe()}"
 
 
 def _abstract(cfg: UMT5Config) -> UMT5Encoder:
@@ -275,20 +257,7 @@ def load_converted(folder: os.PathLike, *, config: Optional[UMT5Config] = None,
   marker = cc.read_marker(folder, FORMAT, FORMAT_VERSION)
   if marker is None:
     raise cc.CheckpointError(f"{folder}: not a converted UMT5 encoder (no {cc.MARKER})")
-  try:
-    stored = config_from_dict(marker["config"])
-  except (KeyError, TypeError, ValueError) as err:
-    raise cc.CheckpointError(f"{folder / cc.MARKER}: bad config: {err}") from err
-  cfg = stored
-  if config is not None:
-    if config.replace(dtype=stored.dtype) != stored:
-      diffs = [f"{f}: {getattr(stored, f)} stored, {getattr(config, f)} requested"
-               for f in config_to_dict(stored) if f != "dtype"
-               and getattr(stored, f) != getattr(config, f)]
-      raise cc.CheckpointError(f"wrong variant: {folder} holds {_what(stored)}, not the "
-                               f"requested config ({'; '.join(diffs)})")
-    cfg = config
-  cfg = cfg.replace(dtype=cc.parse_dtype(dtype) if dtype is not None else stored.dtype)
+  cfg = cc.stored_config(marker, UMT5Config, folder, config, dtype)
   return cc.restore_params(_abstract(cfg), folder / cc.PARAMS_DIR, device=device)
 
 
@@ -296,15 +265,9 @@ def convert(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.bfloat16,
             config: Optional[UMT5Config] = None, overwrite: bool = False,
             progress: bool = True) -> Path:
   """Converts a local UMT5 checkpoint (any source `load_umt5` reads) to a folder that
-  `load_umt5` / `UMT5Encoder.from_pretrained` read without torch: marker + config + Orbax
-  parameters, built beside `dst` and renamed at the end (nothing is left at `dst` on
-  error). Conversion runs on the host CPU.
-
-  Returns:
-    `dst` as an absolute path.
-  """
-  find_source(src)  # fail on a bad source before creating anything
-  return cc.convert_component(
-      lambda cpu: load_umt5(src, config=config, dtype=dtype, progress=progress, device=cpu),
-      dst, FORMAT, FORMAT_VERSION, lambda model: config_to_dict(model.cfg),
-      overwrite=overwrite)
+  `load_umt5` / `UMT5Encoder.from_pretrained` read without torch
+  (`convert_common.convert_source`: on the host CPU, nothing left at `dst` on error).
+  Returns `dst` as an absolute path."""
+  return cc.convert_source(load_umt5, find_source, src, dst, FORMAT, FORMAT_VERSION,
+                           lambda model: model.cfg.to_dict(), overwrite=overwrite,
+                           config=config, dtype=dtype, progress=progress)

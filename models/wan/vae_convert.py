@@ -376,6 +376,19 @@ def load_vae(location: os.PathLike, *, config: Optional[WanVAEConfig] = None,
     return _stream(model, ckpt, key_table(model), f"the {cfg.describe()}", progress, device)
 
 
+def read_config(location: os.PathLike) -> Optional[WanVAEConfig]:
+  """The `WanVAEConfig` of any source `load_vae` reads, without reading weights: a converted
+  folder's stored config or config.json; None for an original `.pth` (its architecture is
+  only in its tensor shapes, which need torch to read)."""
+  kind, path = find_source(location)
+  if kind == "converted":
+    return cc.stored_config(cc.read_marker(path, FORMAT, FORMAT_VERSION), WanVAEConfig, path,
+                            None, None)
+  if kind == "original":
+    return None
+  return load_config(path)
+
+
 # --- converted folders --------------------------------------------------------------------------
 
 def load_converted(folder: os.PathLike, *, config: Optional[WanVAEConfig] = None,
@@ -393,14 +406,8 @@ def convert(src: os.PathLike, dst: os.PathLike, *, dtype: Any = jnp.float32,
             config: Optional[WanVAEConfig] = None, overwrite: bool = False,
             progress: bool = True) -> Path:
   """Converts a local Wan VAE checkpoint (any source `load_vae` reads) to a folder that
-  `load_vae` / `WanVAE.from_pretrained` read without torch: marker + config + Orbax
-  parameters, built beside `dst` and renamed at the end (nothing is left at `dst` on
-  error). Conversion runs on the host CPU.
-
-  Returns:
-    `dst` as an absolute path.
-  """
-  find_source(src)  # fail on a bad source before creating anything
-  return cc.convert_component(
-      lambda cpu: load_vae(src, config=config, dtype=dtype, progress=progress, device=cpu),
-      dst, FORMAT, FORMAT_VERSION, lambda model: model.config.to_dict(), overwrite=overwrite)
+  `load_vae` / `WanVAE.from_pretrained` read without torch (`convert_common.convert_source`:
+  on the host CPU, nothing left at `dst` on error). Returns `dst` as an absolute path."""
+  return cc.convert_source(load_vae, find_source, src, dst, FORMAT, FORMAT_VERSION,
+                           lambda model: model.config.to_dict(), overwrite=overwrite,
+                           config=config, dtype=dtype, progress=progress)

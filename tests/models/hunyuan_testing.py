@@ -124,6 +124,24 @@ def export_numpy_checkpoint(model: HunyuanVideoTransformer, folder: Path, *,
   return folder
 
 
+def write_jax_pipeline(folder: Path, model: HunyuanVideoTransformer, *,
+                       shift: float = 7.0) -> Path:
+  """A diffusers-layout HunyuanVideo pipeline folder (model_index.json, transformer/,
+  scheduler/) written from a JAX model with NumPy only: no torch needed."""
+  folder.mkdir(parents=True, exist_ok=True)
+  export_numpy_checkpoint(model, folder / "transformer", num_shards=1)
+  (folder / "scheduler").mkdir(exist_ok=True)
+  (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+      {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift}))
+  none = [None, None]
+  (folder / "model_index.json").write_text(json.dumps(
+      {"_class_name": "HunyuanVideoPipeline",
+       "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+       "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": none,
+       "text_encoder": none, "tokenizer": none, "text_encoder_2": none, "tokenizer_2": none}))
+  return folder
+
+
 def random_jax_model(seed: int = 0, attention=None, **overrides) -> HunyuanVideoTransformer:
   """A tiny model with every parameter random, norm scales included (so any mix-up shows).
   Filled from NumPy: eager nnx init is slow on CPU."""

@@ -1,7 +1,8 @@
-"""`svg-ear-convert wan-vae | hunyuan-vae | umt5`: conversion to Orbax folders (marker +
-config + parameters) that the loaders read back bit-exactly, dtypes, --overwrite, atomicity
-on failure, usage errors. Sources are written with NumPy (no torch needed), except the
-original torch pickles (skipped without torch)."""
+"""`svg-ear-convert wan-vae | hunyuan-vae | umt5 | llama | clip`: conversion to Orbax
+folders (marker + config + parameters) that the loaders read back bit-exactly, dtypes,
+--overwrite, atomicity on failure, usage errors, Llama's partial restore. Sources are
+written with NumPy (no torch needed), except the original torch pickles (skipped without
+torch)."""
 
 import json
 import re
@@ -14,7 +15,10 @@ from flax import nnx
 
 from models import convert_common as cc
 from models.cli import main as cli_main
+from models.hunyuan import text_convert
 from models.hunyuan import vae_convert as hy_convert
+from models.hunyuan.clip import CLIPTextConfig, CLIPTextEncoder
+from models.hunyuan.llama import LlamaConfig, LlamaEncoder
 from models.hunyuan.vae import HunyuanVAE, HunyuanVAEConfig
 from models.wan import umt5_convert
 from models.wan import vae_convert as wan_convert
@@ -27,6 +31,10 @@ WAN = WanVAEConfig(base_dim=3, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1
 HUNYUAN = HunyuanVAEConfig(latent_channels=4, block_out_channels=(8, 8, 16, 16),
                            layers_per_block=1, norm_num_groups=4)
 UMT5 = UMT5Config(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+LLAMA = LlamaConfig(vocab_size=160, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
+CLIP = CLIPTextConfig(vocab_size=160, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, eos_token_id=2)
 
 
 def _random(cls, cfg, seed=0):
@@ -66,16 +74,30 @@ def _hunyuan_source(folder):
 
 def _umt5_source(folder):
   model = _random(UMT5Encoder, UMT5, 3)
-  config = {"model_type": "umt5", **umt5_convert.config_to_dict(UMT5)}
-  del config["dtype"]
-  return _write(folder, config, umt5_convert.to_state_dict(model), "model.safetensors")
+  return _write(folder, {"model_type": "umt5", **_arch(UMT5)},
+                umt5_convert.to_state_dict(model), "model.safetensors")
+
+
+def _llama_source(folder):
+  model = _random(LlamaEncoder, LLAMA, 7)
+  return _write(folder, {"model_type": "llama", **_arch(LLAMA)},
+                text_convert.llama_to_state_dict(model), "model.safetensors")
+
+
+def _clip_source(folder):
+  model = _random(CLIPTextEncoder, CLIP, 8)
+  return _write(folder, {"model_type": "clip_text_model", **_arch(CLIP)},
+                text_convert.clip_to_state_dict(model), "model.safetensors")
 
 
 COMMANDS = {
     "wan-vae": (wan_convert.load_vae, WanVAE, _wan_source, wan_convert.FORMAT),
     "hunyuan-vae": (hy_convert.load_vae, HunyuanVAE, _hunyuan_source, hy_convert.FORMAT),
     "umt5": (umt5_convert.load_umt5, UMT5Encoder, _umt5_source, umt5_convert.FORMAT),
+    "llama": (text_convert.load_llama, LlamaEncoder, _llama_source, text_convert.LLAMA_FORMAT),
+    "clip": (text_convert.load_clip, CLIPTextEncoder, _clip_source, text_convert.CLIP_FORMAT),
 }
+ORIGINAL_PICKLES = ("wan-vae", "hunyuan-vae", "umt5")  # the commands with a .pth source
 
 
 def _assert_same_params(a, b, dtype=None):
@@ -103,8 +125,11 @@ def test_round_trip(command, tmp_path, capsys):
   direct = load(src)
   restored = cls.from_pretrained(dst)  # float32 by default, like the sources
   _assert_same_params(restored, direct, jnp.float32)
-  config = (lambda m: m.cfg) if command == "umt5" else (lambda m: m.config)
+  config = (lambda m: m.config) if command.endswith("vae") else (lambda m: m.cfg)
   assert config(restored) == config(direct)
+  if command.endswith("vae"):  # what the pipelines read for the latent geometry
+    read = (wan_convert if command == "wan-vae" else hy_convert).read_config
+    assert read(dst) == read(src) == config(direct)
 
   assert cli_main([command, str(src), str(dst), "--quiet"]) == 1  # exists
   assert "already exists" in capsys.readouterr().err
@@ -156,7 +181,8 @@ def test_converted_folder_checks(tmp_path):
     umt5_convert.load_umt5(dst)
   umt5_dst = umt5_convert.convert(_umt5_source(tmp_path / "t5"), tmp_path / "t5_out",
                                   progress=False)
-  with pytest.raises(cc.CheckpointError, match="wrong variant: .*num_layers: 2 stored, 3"):
+  with pytest.raises(cc.CheckpointError, match="wrong variant: .* holds a UMT5 encoder "
+                     r"\(2 layers.*num_layers: 2 in the checkpoint, 3 requested"):
     umt5_convert.load_umt5(umt5_dst, config=UMT5.replace(num_layers=3))
   # A converted folder inside a pipeline folder's vae/ is found like a diffusers one.
   pipeline = tmp_path / "pipeline"
@@ -166,6 +192,46 @@ def test_converted_folder_checks(tmp_path):
   _assert_same_params(HunyuanVAE.from_pretrained(pipeline), HunyuanVAE.from_pretrained(hy_dst))
   wan_convert.convert(dst, pipeline / "vae_wan" / "vae", progress=False)  # from converted
   _assert_same_params(WanVAE.from_pretrained(pipeline / "vae_wan"), WanVAE.from_pretrained(dst))
+
+
+def test_text_encoders_in_a_pipeline_folder(tmp_path, monkeypatch):
+  """A HunyuanVideo pipeline folder whose text_encoder/ and text_encoder_2/ were converted
+  (bf16 by default): the pipeline loads them, Llama with only the layers hidden_states[-3]
+  needs; each loader refuses the other's folder and another depth."""
+  from hunyuan_testing import tiny_config
+  from models.hunyuan import convert as dit_convert
+  from models.hunyuan.pipeline import HunyuanVideoPipeline
+  from models.hunyuan.transformer import HunyuanVideoTransformer
+
+  pipeline = tmp_path / "pipeline"
+  llama_src = _llama_source(tmp_path / "llama")
+  clip_src = _clip_source(tmp_path / "clip")
+  for command, src, dst in (("llama", llama_src, "text_encoder"),
+                            ("clip", clip_src, "text_encoder_2")):
+    assert cli_main([command, str(src), str(pipeline / dst), "--quiet"]) == 0
+    marker = json.loads((pipeline / dst / cc.MARKER).read_text())
+    assert marker["config"]["dtype"] == "bfloat16"  # the default
+  # The DiT is not under test: an abstract one stands in for its checkpoint.
+  dit = nnx.eval_shape(lambda: HunyuanVideoTransformer(tiny_config()))
+  monkeypatch.setattr(dit_convert, "from_pretrained", lambda *args, **kw: dit)
+  (pipeline / "transformer").mkdir()
+  (pipeline / "scheduler").mkdir()
+  (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+      {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 7.0}))
+  (pipeline / "model_index.json").write_text(json.dumps(
+      {name: ["x", "y"] for name in ("transformer", "scheduler", "text_encoder",
+                                     "text_encoder_2")}))
+  pipe = HunyuanVideoPipeline.from_pretrained(pipeline)  # text encoders in bf16
+  part = pipe.parts.get("text_encoder", "the test")
+  assert part.num_layers == LLAMA.num_hidden_layers - 2 and part.norm is None
+  _assert_same_params(part, text_convert.load_llama(llama_src, dtype="bf16",
+                                                    up_to_hidden_state=-3), jnp.bfloat16)
+  assert pipe.parts.get("text_encoder_2", "the test").cfg == CLIP.with_dtype(jnp.bfloat16)
+  with pytest.raises(cc.CheckpointError, match=re.escape(text_convert.CLIP_FORMAT)):
+    text_convert.load_llama(pipeline / "text_encoder_2")
+  with pytest.raises(cc.CheckpointError, match="wrong variant: .*num_hidden_layers: 3 in the "
+                     "checkpoint, 4 requested"):
+    text_convert.load_llama(pipeline, config=LLAMA.replace(num_hidden_layers=4))
 
 
 def test_usage_errors(capsys):
@@ -178,7 +244,7 @@ def test_usage_errors(capsys):
   with pytest.raises(SystemExit):
     cli_main(["--help"])
   help_text = capsys.readouterr().out
-  assert all(c in help_text for c in ("wan-vae", "hunyuan-vae", "umt5")), help_text
+  assert all(c in help_text for c in COMMANDS), help_text
 
 
 # --- original torch pickles -----------------------------------------------------------------
@@ -190,7 +256,7 @@ def _save_torch(state: dict, path: Path) -> Path:
   return path
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", ORIGINAL_PICKLES)
 def test_original_pickle_converts(command, tmp_path):
   pytest.importorskip("torch", reason="original torch pickles need torch")
   load, cls, _, _ = COMMANDS[command]

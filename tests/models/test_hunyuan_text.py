@@ -1,7 +1,8 @@
 """HunyuanVideo text encoders: `LlamaEncoder` and `CLIPTextEncoder` against transformers'
 `LlamaModel` / `LlavaForConditionalGeneration` / `CLIPTextModel` (tiny random models,
 float32, right and left padding, single-file and sharded saves), `encode_prompt` against
-diffusers' `HunyuanVideoPipeline.encode_prompt`, and, without torch, the loaders'
+diffusers' `HunyuanVideoPipeline.encode_prompt`, `svg-ear-convert llama | clip` of
+transformers' saves (outputs equal to the direct loads), and, without torch, the loaders'
 round trips, key layouts, partial loads and errors."""
 
 import json
@@ -351,6 +352,27 @@ def test_encode_prompt_matches_diffusers(torch_models, tmp_path):
   assert crop_start(tok, no_crop) == n - 2
 
 
+def test_converted_encoders_equal_direct_loads(torch_models, tmp_path):
+  from models.cli import main as cli_main
+
+  root, pipe = torch_models["root"], tmp_path / "pipe"
+  assert cli_main(["llama", str(root / "llama"), str(pipe / "text_encoder"),
+                   "--quiet"]) == 0  # bf16 by default
+  assert cli_main(["clip", str(root / "clip"), str(pipe / "text_encoder_2"), "--quiet"]) == 0
+  third = nnx.jit(lambda m, i, k: m(i, k, hidden_state_index=-3))
+  ids, mask = random_ids(4, 2, 24, LLAMA["vocab_size"])
+  want = third(tc.load_llama(root / "llama", dtype="bf16", up_to_hidden_state=-3), ids, mask)
+  got = third(LlamaEncoder.from_pretrained(pipe, dtype=None, up_to_hidden_state=-3), ids, mask)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  ids, _ = random_ids(5, 2, 20, torch_models["clip"].config.vocab_size)
+  want = clip_forward(tc.load_clip(root / "clip", dtype="bf16"), ids)
+  got = clip_forward(CLIPTextEncoder.from_pretrained(pipe, dtype=None), ids)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Without torch
 
@@ -557,3 +579,4 @@ def test_encode_prompt_shapes_and_crop_start(tmp_path):
   with pytest.raises(ValueError, match="num_videos_per_prompt"):
     encode_prompt("x", tokenizer=tok, text_encoder=llama, tokenizer_2=tok_2,
                   text_encoder_2=clip, num_videos_per_prompt=0)
+

@@ -1,5 +1,7 @@
 """`models.tokenizer.Tokenizer` (ids and masks equal to transformers' fast tokenizer on the
-same folder, padding/truncation semantics, folder errors) and `models.prompt` cleaning."""
+same folder, padding/truncation semantics, folder errors; a slow CLIPTokenizer folder with
+only vocab.json + merges.txt equal to transformers' CLIP tokenizers) and `models.prompt`
+cleaning."""
 
 import json
 from pathlib import Path
@@ -29,6 +31,16 @@ PROMPTS = [
     "unknownwordxyz \u00e9t\u00e9 \u4e2d\u6587",
 ]
 SPECIALS = ["<pad>", "</s>", "<unk>"]
+CLIP_MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "a n", "an d</w>", "i n", "in g</w>",
+               "' s</w>", "o n</w>", "w a", "wa l", "wal k", "walk s</w>", "c a", "d o"]
+CLIP_PROMPTS = [
+    "A cat walks on the grass.",
+    "THE  CATS\tand   dogs walking!!",
+    "",
+    "Don't stop: 3.14 caf\u00e9s, it's 12 o'clock \u4e2d\u6587",
+    "the cat and the dog " * 20,  # > 77 tokens: truncated
+    "a <|startoftext|> in <|endoftext|> text",
+]
 
 
 def build_backend():
@@ -73,8 +85,60 @@ def write_folder(folder: Path, *, padding_side: str = "right", model_max_length:
   return folder
 
 
+def write_slow_clip_folder(folder: Path) -> Path:
+  """A `tokenizer_2/` folder as transformers 4's slow `CLIPTokenizer.save_pretrained` writes
+  it (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json; no
+  tokenizer.json): a byte-level vocabulary, its `</w>` forms, a few merges."""
+  from tokenizers import pre_tokenizers
+
+  merges = list(dict.fromkeys(CLIP_MERGES))
+  chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+  vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
+  folder.mkdir(parents=True)
+  (folder / "vocab.json").write_text(json.dumps(vocab))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  special = lambda content, normalized: dict(content=content, lstrip=False, rstrip=False,
+                                             normalized=normalized, single_word=False)
+  sot, eot = special("<|startoftext|>", True), special("<|endoftext|>", False)
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "added_tokens_decoder": {str(vocab[t["content"]]): {**t, "special": True}
+                               for t in (sot, eot)},
+      "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+      "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 77,
+      "tokenizer_class": "CLIPTokenizer", "do_lower_case": True, "errors": "replace",
+      "clean_up_tokenization_spaces": True}))
+  (folder / "special_tokens_map.json").write_text(json.dumps(
+      {"bos_token": sot, "eos_token": eot, "pad_token": "<|endoftext|>", "unk_token": eot}))
+  return folder
+
+
 # ---------------------------------------------------------------------------------------------
 # Against transformers (skipped where it is not installed)
+
+
+@pytest.mark.parametrize("name", ["CLIPTokenizer", "CLIPTokenizerFast"])
+def test_slow_clip_folder_matches_transformers(tmp_path, name):
+  transformers = pytest.importorskip("transformers")
+  folder = write_slow_clip_folder(tmp_path / "tokenizer_2")
+  ref = getattr(transformers, name).from_pretrained(str(folder))
+  ours = Tokenizer.from_pretrained(folder)
+  assert not (folder / "tokenizer.json").exists()
+  assert (ours.pad_token_id, ours.eos_token_id) == (ref.pad_token_id, ref.eos_token_id)
+  assert ours.model_max_length == ref.model_max_length == 77
+  # as hunyuan.text.clip_pooled_embeds calls it, then a short truncation, then no specials
+  cases = [dict(max_length=77, padding="max_length", truncation=True),
+           dict(max_length=None, padding="longest", truncation=False),
+           dict(max_length=8, padding="max_length", truncation=True),
+           dict(max_length=None, padding="max_length", truncation=True,
+                add_special_tokens=False)]
+  for kw in cases:
+    want = ref(CLIP_PROMPTS, return_attention_mask=True, return_tensors="np", **kw)
+    ids, mask = ours(CLIP_PROMPTS, **kw)
+    np.testing.assert_array_equal(ids, want["input_ids"], err_msg=str(kw))
+    np.testing.assert_array_equal(mask, want["attention_mask"], err_msg=str(kw))
+  ids, mask = ours(CLIP_PROMPTS, max_length=77)
+  assert mask[4].all() and ids[4, -1] == ours.eos_token_id  # truncated, end of text kept
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -139,6 +203,27 @@ def test_left_padding_and_pipeline_folder(tmp_path):
   n = int(mask.sum())
   assert (mask[0, :10 - n] == 0).all() and mask[0, 10 - n:].all()
   assert ids[0, -1] == 1 and (ids[0, :10 - n] == 0).all()
+
+
+def test_slow_clip_folder(tmp_path):
+  tok = Tokenizer.from_pretrained(write_slow_clip_folder(tmp_path / "pipe" / "tokenizer"))
+  vocab = tok.backend.get_vocab()
+  sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+  assert (tok.pad_token_id, tok.eos_token_id, tok.model_max_length) == (eot, eot, 77)
+  ids, mask = tok(["The  CAT walks", ""], max_length=7)
+  want = [sot, vocab["the</w>"], vocab["cat</w>"], vocab["walks</w>"], eot, eot, eot]
+  np.testing.assert_array_equal(ids, [want, [sot, eot] + [eot] * 5])
+  np.testing.assert_array_equal(mask, [[1] * 5 + [0] * 2, [1] * 2 + [0] * 5])
+  assert Tokenizer.from_pretrained(tmp_path / "pipe").backend.get_vocab() == vocab
+  config = tmp_path / "pipe" / "tokenizer" / "tokenizer_config.json"
+  raw = json.loads(config.read_text())
+  config.write_text(json.dumps({**raw, "tokenizer_class": "GPT2Tokenizer"}))
+  with pytest.raises(TokenizerError, match="only for a CLIPTokenizer .*'GPT2Tokenizer'"):
+    Tokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer")
+  config.write_text(json.dumps({**raw, "added_tokens_decoder": {
+      "3": raw["added_tokens_decoder"][str(sot)]}}))
+  with pytest.raises(TokenizerError, match="has id .*, not 3"):
+    Tokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer")
 
 
 def test_folder_errors(tmp_path):

@@ -4,9 +4,11 @@ Parity against diffusers' `WanPipeline` on tiny random-weight DiTs (skipped with
 diffusers), CFG batching, SVG-EAR step schedules, trace counts, offload and validation.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models.attention import AttentionPolicy
 from models.sampling import SvgEarSchedule
@@ -250,9 +252,18 @@ def test_offload_idle_expert_identical(dense_pipe):
   pipe = _jax_pipeline(offload_idle_expert=True)
   off = _run(pipe, lat, pe, ne)
   np.testing.assert_array_equal(np.asarray(off.latents), np.asarray(plain.latents))
-  assert pipe._experts["transformer"].on_host and not pipe._experts["transformer_2"].on_host
+  high = pipe._experts["transformer"]
+  assert high.on_host and not pipe._experts["transformer_2"].on_host
+  host = high._host_params
   off2 = _run(pipe, lat, pe, ne)
   np.testing.assert_array_equal(np.asarray(off2.latents), np.asarray(plain.latents))
+  assert high._host_params is host  # one host copy, reused at every switch
+  # new weights in the model (same values, new arrays): the stale host copy is dropped
+  nnx.update(pipe.transformer, jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                            nnx.state(pipe.transformer, nnx.Param)))
+  off3 = _run(pipe, lat, pe, ne)
+  np.testing.assert_array_equal(np.asarray(off3.latents), np.asarray(plain.latents))
+  assert high.on_host and high._host_params is not host
 
 
 def test_seed_latents_and_progress(dense_pipe, capsys):

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -188,11 +189,16 @@ def tiny_text_pipeline(folder: Path, tokenizer_folder: Path):
   return pipe
 
 
-def write_jax_pipeline(folder: Path, model: WanTransformer, *, shift: float = 3.0) -> Path:
-  """A diffusers-layout Wan pipeline folder (model_index.json, transformer/, scheduler/)
-  written from a JAX model with NumPy only: no torch needed."""
+def write_jax_pipeline(folder: Path, model: WanTransformer, *, shift: float = 3.0,
+                       model_2: Optional[WanTransformer] = None,
+                       boundary_ratio: Optional[float] = None) -> Path:
+  """A diffusers-layout Wan pipeline folder (model_index.json, transformer/ (+
+  transformer_2/ with `model_2`, A14B-style), scheduler/) written from JAX models with NumPy
+  only: no torch needed."""
   folder.mkdir(parents=True, exist_ok=True)
   export_numpy_checkpoint(model, folder / "transformer", num_shards=1)
+  if model_2 is not None:
+    export_numpy_checkpoint(model_2, folder / "transformer_2", num_shards=1)
   (folder / "scheduler").mkdir(exist_ok=True)
   (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
       {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
@@ -200,6 +206,8 @@ def write_jax_pipeline(folder: Path, model: WanTransformer, *, shift: float = 3.
   (folder / "model_index.json").write_text(json.dumps(
       {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "vae": [None, None],
-       "text_encoder": [None, None], "tokenizer": [None, None], "transformer_2": [None, None],
-       "boundary_ratio": None, "expand_timesteps": False}))
+       "text_encoder": [None, None], "tokenizer": [None, None],
+       "transformer_2": ([None, None] if model_2 is None
+                         else ["diffusers", "WanTransformer3DModel"]),
+       "boundary_ratio": boundary_ratio, "expand_timesteps": False}))
   return folder

@@ -109,9 +109,9 @@ def test_local_shapes(monkeypatch):
   seen = []
   svg = models.attention.svg_ear_self_attention
 
-  def spy(q, *a, num_dense_tokens=0, key_mask=None):
-    seen.append((q.shape, num_dense_tokens, key_mask.shape))
-    return svg(q, *a, num_dense_tokens=num_dense_tokens, key_mask=key_mask)
+  def spy(q, *a, num_dense_tokens=0, key_mask=None, head_ids=None):
+    seen.append((q.shape, num_dense_tokens, key_mask.shape, head_ids.shape))
+    return svg(q, *a, num_dense_tokens=num_dense_tokens, key_mask=key_mask, head_ids=head_ids)
 
   monkeypatch.setattr(models.attention, "svg_ear_self_attention", spy)
   shard_map, a2a = shard_map_eqns(model(SPARSE, mesh(1, 4)), inputs(ODD))
@@ -120,7 +120,7 @@ def test_local_shapes(monkeypatch):
   shapes = [(tuple(e.invars[0].aval.shape), tuple(e.outvars[0].aval.shape)) for e in a2a]
   assert shapes == [((3, 2, 37, 4, 12), (3, 2, 148, 1, 12)),
                     ((2, 148, 1, 12), (2, 37, 4, 12))] * 2
-  assert seen == [((2, 147 + TEXT, 1, 12), TEXT, (2, 147 + TEXT))] * 2
+  assert seen == [((2, 147 + TEXT, 1, 12), TEXT, (2, 147 + TEXT), (2, 1))] * 2
 
 
 def test_errors():
