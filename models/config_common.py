@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 class DiTConfigMixin:
@@ -77,3 +78,12 @@ class EncoderConfigMixin(DiTConfigMixin):
   def architecture(self) -> Dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
             if f.name not in self.DTYPE_FIELDS}
+
+  def check_positive_ints(self, names: Tuple[str, ...]) -> None:
+    """ValueError naming the first of `names` that is not a positive integer (bools are
+    not integers here)."""
+    for name in names:
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got "
+                         f"{value!r}")

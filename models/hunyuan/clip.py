@@ -83,11 +83,9 @@ class CLIPTextConfig(EncoderConfigMixin):
             f"vocab {self.vocab_size})")
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "max_position_embeddings"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"CLIPTextConfig.{name} must be a positive integer, got {value!r}")
+    self.check_positive_ints(("vocab_size", "hidden_size", "intermediate_size",
+                              "num_hidden_layers", "num_attention_heads",
+                              "max_position_embeddings"))
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"CLIPTextConfig.num_attention_heads ({self.num_attention_heads}) must "
                        f"divide hidden_size ({self.hidden_size})")

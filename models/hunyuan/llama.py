@@ -101,12 +101,9 @@ class LlamaConfig(EncoderConfigMixin):
       heads = self.num_attention_heads
       if isinstance(heads, (int, np.integer)) and heads > 0:
         object.__setattr__(self, "head_dim", self.hidden_size // heads)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "max_position_embeddings"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+    self.check_positive_ints(("vocab_size", "hidden_size", "intermediate_size",
+                              "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                              "head_dim", "max_position_embeddings"))
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"LlamaConfig.num_key_value_heads ({self.num_key_value_heads}) must "
                        f"divide num_attention_heads ({self.num_attention_heads})")

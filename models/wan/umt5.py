@@ -73,11 +73,9 @@ class UMT5Config(EncoderConfigMixin):
             f"{self.vocab_size})")
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                 "relative_attention_num_buckets", "relative_attention_max_distance"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"UMT5Config.{name} must be a positive integer, got {value!r}")
+    self.check_positive_ints(("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
+                              "num_heads", "relative_attention_num_buckets",
+                              "relative_attention_max_distance"))
     nb = self.relative_attention_num_buckets
     if nb < 4 or nb % 4:
       # The encoder halves the buckets per direction and then halves again (exact / log).

@@ -564,8 +564,10 @@ def _encode_chunk(graphdef, state, video, cache):
   return nnx.merge(graphdef, state).encode_chunk(video, cache)
 
 
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0)
-_encode_chunk_jit = jax.jit(_encode_chunk, static_argnums=0)
+# The cache is donated: each chunk's cache replaces the previous one, so its buffers are
+# reused in place instead of both being alive (~4 GB more at 720p x 81 otherwise).
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, donate_argnums=3)
+_encode_chunk_jit = jax.jit(_encode_chunk, static_argnums=0, donate_argnums=3)
 
 
 class WanVAE(nnx.Module):
