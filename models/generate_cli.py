@@ -6,8 +6,10 @@
                    [--guidance G --guidance-2 G2 --true-cfg S --shift S]
                    [--attention dense|svg-ear --density D --compensation variance|mean|none
                     --dense-steps 0.2|2 --dense-layers 1 --kmeans-during-dense
-                    --expert-switch cold|carry --q-clusters K --k-clusters K]
+                    --expert-switch cold|carry --q-clusters K --k-clusters K
+                    --kmeans-iters N]
                    [--dtype bf16|fp32 --offload-idle-expert --two-calls --quiet --json FILE]
+                   [--seq-parallel P [--data-parallel D]]
 
 PIPELINE is a local diffusers pipeline folder. `--out X.safetensors` writes the final latents
 (key `latents`, float32) and needs neither VAE nor, with `--prompt-embeds`, text encoders;
@@ -78,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--expert-switch", choices=("cold", "carry"), default="cold")
   p.add_argument("--q-clusters", type=int, default=None)
   p.add_argument("--k-clusters", type=int, default=None)
+  p.add_argument("--kmeans-iters", type=int, default=None,
+                 help="k-means iterations of a cold start (default: the preset's 50; 10 "
+                      "costs ~0.001 attention error, benchmarks/results/kmeans_start_h200.md)")
+  p.add_argument("--seq-parallel", type=int, default=None, metavar="P",
+                 help="Ulysses sequence parallelism over the first P local devices (the "
+                      "DiTs; P must divide the head count)")
+  p.add_argument("--data-parallel", type=int, default=1, metavar="D",
+                 help="with --seq-parallel: also split the CFG batch over D groups of P "
+                      "devices (D = 2 for cond + uncond)")
   p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="DiT dtype")
   p.add_argument("--offload-idle-expert", action="store_true", help="wan A14B")
   p.add_argument("--two-calls", action="store_true", help="CFG as two DiT calls, not a batch")
@@ -98,7 +109,30 @@ def _attention(args):
     changes["num_q_clusters"] = args.q_clusters
   if args.k_clusters is not None:
     changes["num_k_clusters"] = args.k_clusters
+  if args.kmeans_iters is not None:
+    changes["kmeans_iters"] = args.kmeans_iters
   return AttentionPolicy.sparse(preset(**changes), dense_layers=args.dense_layers)
+
+
+def _mesh(args):
+  """The ("data", "seq") mesh of --seq-parallel / --data-parallel, None without them;
+  ValueError (before anything loads) when this process has too few devices."""
+  if args.seq_parallel is None:
+    if args.data_parallel != 1:
+      raise ValueError("--data-parallel needs --seq-parallel")
+    return None
+  import jax
+
+  from models.parallel import make_mesh
+
+  if args.seq_parallel < 1 or args.data_parallel < 1:
+    raise ValueError("--seq-parallel and --data-parallel must be >= 1")
+  need, have = args.seq_parallel * args.data_parallel, jax.local_devices()
+  if need > len(have):
+    raise ValueError(f"--seq-parallel {args.seq_parallel} x --data-parallel "
+                     f"{args.data_parallel} needs {need} devices, this process has "
+                     f"{len(have)}")
+  return make_mesh(seq=args.seq_parallel, data=args.data_parallel, devices=have[:need])
 
 
 def _dense_steps(text: str):
@@ -161,6 +195,7 @@ def _run(args) -> Dict[str, Any]:
     raise ValueError(f"--out {out}: must end in .mp4 or .safetensors")
   dtype = getattr(jnp, DTYPES[args.dtype])
   attention = _attention(args)
+  mesh = _mesh(args)
   kw: Dict[str, Any] = dict(seed=args.seed, schedule=_schedule(args),
                             progress=not args.quiet, cfg_batch=not args.two_calls)
   if suffix == ".mp4":
@@ -171,7 +206,7 @@ def _run(args) -> Dict[str, Any]:
     if args.true_cfg != 1.0:
       raise ValueError("--true-cfg is a hunyuan option (wan: --guidance)")
     pipe = WanPipeline.from_pretrained(args.pipeline, dtype=dtype, attention=attention,
-                                       flow_shift=args.shift,
+                                       flow_shift=args.shift, mesh=mesh,
                                        offload_idle_expert=args.offload_idle_expert)
     defaults = dict(height=480, width=832, num_frames=81, num_inference_steps=50)
     kw.update(guidance_scale=5.0 if args.guidance is None else args.guidance)
@@ -192,7 +227,8 @@ def _run(args) -> Dict[str, Any]:
       if bad:
         raise ValueError(f"{flag} is not a hunyuan option")
     pipe = HunyuanVideoPipeline.from_pretrained(args.pipeline, dtype=dtype,
-                                                attention=attention, flow_shift=args.shift)
+                                                attention=attention, flow_shift=args.shift,
+                                                mesh=mesh)
     defaults = dict(height=720, width=1280, num_frames=129, num_inference_steps=50)
     kw.update(guidance_scale=6.0 if args.guidance is None else args.guidance,
               true_cfg_scale=args.true_cfg)

@@ -51,10 +51,12 @@ def test_wan_embeddings_to_latents(wan_folder, tmp_path, capsys):
   out, summary = tmp_path / "lat.safetensors", tmp_path / "run.json"
   assert main(["wan", str(wan_folder), "--prompt-embeds", str(tmp_path / "e.safetensors"),
                "--out", str(out), "--dtype", "fp32", "--seed", "5", "--guidance", "4",
-               "--json", str(summary), *SIZE, *SPARSE, "--compensation", "mean"]) == 0
+               "--json", str(summary), *SIZE, *SPARSE, "--compensation", "mean",
+               "--kmeans-iters", "3"]) == 0
   got = load_file(str(out))["latents"]
   attention = AttentionPolicy.sparse(SvgEarConfig.wan22_720p(
-      num_q_clusters=4, num_k_clusters=8, density=0.5, compensation="mean"), dense_layers=1)
+      num_q_clusters=4, num_k_clusters=8, density=0.5, compensation="mean", kmeans_iters=3),
+      dense_layers=1)
   pipe = WanPipeline.from_pretrained(wan_folder, dtype=jnp.float32, attention=attention)
   want = pipe(jnp.asarray(pe), jnp.asarray(ne), height=64, width=64, num_frames=5,
               num_inference_steps=3, seed=5, guidance_scale=4.0, progress=False,
@@ -89,6 +91,8 @@ def test_hunyuan_embeddings_to_latents(hunyuan_folder, tmp_path):
     (["--out", "x.gif"], "must end in .mp4 or .safetensors"),
     (["--out", "x.mp4"], "vae"),
     (["--out", "x.safetensors", "--true-cfg", "2"], "hunyuan option"),
+    (["--out", "x.safetensors", "--seq-parallel", "2"], "needs 2 devices, this process has 1"),
+    (["--out", "x.safetensors", "--data-parallel", "2"], "--data-parallel needs --seq-parallel"),
 ])
 def test_errors(wan_folder, tmp_path, capsys, extra, message):
   save_file({"prompt_embeds": np.zeros((1, 7, 16), np.float32)}, str(tmp_path / "ok.safetensors"))

@@ -126,3 +126,21 @@ def test_hunyuan_set_mesh_data2_x_seq2_equals_one_device(tmp_path):
   assert pipe.mesh is None
   kernel = pipe.transformer.transformer_blocks.attn.to_q.kernel.get_value()
   assert kernel.sharding.device_set == {jax.devices()[0]}
+
+
+def test_generate_cli_seq_parallel(wan_folder, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  from models.generate_cli import main
+
+  save_file({"prompt_embeds": np.asarray(_embeds(20, 1, 7, 16)),
+             "negative_prompt_embeds": np.asarray(_embeds(21, 1, 7, 16))},
+            str(tmp_path / "e.safetensors"))
+  common = ["wan", str(wan_folder), "--prompt-embeds", str(tmp_path / "e.safetensors"),
+            "--height", "64", "--width", "64", "--frames", "5", "--steps", "2", "--quiet",
+            "--dtype", "fp32", "--attention", "dense", "--guidance", "4"]
+  assert main([*common, "--out", str(tmp_path / "one.safetensors")]) == 0
+  assert main([*common, "--out", str(tmp_path / "seq.safetensors"), "--seq-parallel", "2",
+               "--data-parallel", "2"]) == 0
+  one, seq = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("one", "seq"))
+  assert rel_err(seq, one) < 1e-5
