@@ -521,6 +521,17 @@ def stored_config(marker: Dict[str, Any], config_cls: type, folder: Path, varian
   return cfg.replace(**stored.dtypes())
 
 
+def converted_config(folder: os.PathLike, fmt: str, version: int, config_cls: type,
+                     variant: Any = None, dtype: Any = None) -> Tuple[Path, Any]:
+  """(folder, config) of a folder `convert` wrote in format `fmt`: `stored_config` of its
+  marker; CheckpointError naming `config_cls.FAMILY` when it has none."""
+  folder = Path(folder)
+  marker = read_marker(folder, fmt, version)
+  if marker is None:
+    raise CheckpointError(f"{folder}: not a converted {config_cls.FAMILY} (no {MARKER})")
+  return folder, stored_config(marker, config_cls, folder, variant, dtype)
+
+
 def component_folder(location: Path, name: str) -> Path:
   """`location` itself, or its `name/` subfolder (e.g. "vae") when given a pipeline folder
   (one with neither a config.json nor safetensors of its own)."""

@@ -224,6 +224,14 @@ class StepLog:
 # Validation
 
 
+def check_schedule(schedule: Optional[SvgEarSchedule]) -> SvgEarSchedule:
+  """`schedule`, or the default `SvgEarSchedule()` for None; TypeError for anything else."""
+  schedule = SvgEarSchedule() if schedule is None else schedule
+  if not isinstance(schedule, SvgEarSchedule):
+    raise TypeError(f"schedule must be an SvgEarSchedule, got {type(schedule).__name__}")
+  return schedule
+
+
 def check_int(name: str, value, minimum: int = 1) -> int:
   """`value` as an int >= minimum, else ValueError naming it."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:

@@ -334,21 +334,13 @@ def _abstract_clip(cfg: CLIPTextConfig) -> CLIPTextEncoder:
   return nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0)))
 
 
-def _stored(folder: os.PathLike, fmt: str, config_cls: type, config: Any, dtype: Any):
-  folder = Path(folder)
-  marker = cc.read_marker(folder, fmt, FORMAT_VERSION)
-  if marker is None:
-    raise cc.CheckpointError(f"{folder}: not a converted {config_cls.FAMILY} (no "
-                             f"{cc.MARKER})")
-  return folder, cc.stored_config(marker, config_cls, folder, config, dtype)
-
-
 def load_llama_converted(folder: os.PathLike, *, config: Optional[LlamaConfig] = None,
                          dtype: Any = None, up_to_hidden_state: Optional[int] = None,
                          device: Optional[jax.Device] = None) -> LlamaEncoder:
   """A `LlamaEncoder` from a folder written by `convert_llama` (dtype None: as stored);
   with `up_to_hidden_state`, only the layers that hidden state needs are read."""
-  folder, cfg = _stored(folder, LLAMA_FORMAT, LlamaConfig, config, dtype)
+  folder, cfg = cc.converted_config(folder, LLAMA_FORMAT, FORMAT_VERSION, LlamaConfig,
+                                     config, dtype)
   keep = _layers_needed(cfg, up_to_hidden_state)
   model = nnx.eval_shape(lambda: LlamaEncoder(cfg, rngs=nnx.Rngs(0), num_layers=keep))
   return cc.restore_params(model, folder / cc.PARAMS_DIR, device=device,
@@ -359,7 +351,8 @@ def load_clip_converted(folder: os.PathLike, *, config: Optional[CLIPTextConfig]
                         dtype: Any = None,
                         device: Optional[jax.Device] = None) -> CLIPTextEncoder:
   """A `CLIPTextEncoder` from a folder written by `convert_clip` (dtype None: as stored)."""
-  folder, cfg = _stored(folder, CLIP_FORMAT, CLIPTextConfig, config, dtype)
+  folder, cfg = cc.converted_config(folder, CLIP_FORMAT, FORMAT_VERSION, CLIPTextConfig,
+                                     config, dtype)
   return cc.restore_params(_abstract_clip(cfg), folder / cc.PARAMS_DIR, device=device)
 
 

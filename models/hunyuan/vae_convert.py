@@ -212,19 +212,15 @@ def read_config(location: os.PathLike) -> HunyuanVAEConfig:
   folder's stored config, or config.json (diffusers or original)."""
   kind, path = find_source(location)
   if kind == "converted":
-    return cc.stored_config(cc.read_marker(path, FORMAT, FORMAT_VERSION), HunyuanVAEConfig, path,
-                            None, None)
+    return cc.converted_config(path, FORMAT, FORMAT_VERSION, HunyuanVAEConfig)[1]
   return load_config(path)
 
 
 def load_converted(folder: os.PathLike, *, config: Optional[HunyuanVAEConfig] = None,
                    dtype: Any = None, device: Optional[jax.Device] = None) -> HunyuanVAE:
   """A `HunyuanVAE` from a folder written by `convert` (dtype None: as stored)."""
-  folder = Path(folder)
-  marker = cc.read_marker(folder, FORMAT, FORMAT_VERSION)
-  if marker is None:
-    raise cc.CheckpointError(f"{folder}: not a converted HunyuanVideo VAE (no {cc.MARKER})")
-  cfg = cc.stored_config(marker, HunyuanVAEConfig, folder, config, dtype)
+  folder, cfg = cc.converted_config(folder, FORMAT, FORMAT_VERSION, HunyuanVAEConfig, config,
+                                    dtype)
   return cc.restore_params(_abstract(cfg), folder / cc.PARAMS_DIR, device=device)
 
 

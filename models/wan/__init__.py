@@ -13,6 +13,6 @@ from models.wan.transformer import WanTransformer
 from models.wan.umt5 import UMT5Config, UMT5Encoder
 from models.wan.vae import WanVAE, WanVAEConfig, WanVAETiling
 
-__all__ = ["VARIANTS", "WAN_NEGATIVE_PROMPT", "UMT5Config", "UMT5Encoder", "WanConfig", "WanExpertPair", "WanPipeline",
-           "WanPipelineOutput", "WanTransformer", "WanVAE", "WanVAEConfig", "WanVAETiling",
+__all__ = ["VARIANTS", "WAN_NEGATIVE_PROMPT", "UMT5Config", "UMT5Encoder", "WanConfig",
+           "WanExpertPair", "WanPipeline", "WanPipelineOutput", "WanTransformer", "WanVAE", "WanVAEConfig", "WanVAETiling",
            "encode_prompt", "from_pretrained"]

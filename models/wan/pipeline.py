@@ -425,9 +425,7 @@ class WanPipeline:
       `WanPipelineOutput`.
     """
     # ---- validation (host only)
-    schedule = SvgEarSchedule() if schedule is None else schedule
-    if not isinstance(schedule, SvgEarSchedule):
-      raise TypeError(f"schedule must be an SvgEarSchedule, got {type(schedule).__name__}")
+    schedule = sampling.check_schedule(schedule)
     comp.check_output_type(output_type, output_path)
     cfg = self.transformer.config
     num_inference_steps = sampling.check_int("num_inference_steps", num_inference_steps)

@@ -253,11 +253,8 @@ def load_umt5(location: os.PathLike, *, config: Optional[UMT5Config] = None,
 def load_converted(folder: os.PathLike, *, config: Optional[UMT5Config] = None,
                    dtype: Any = None, device: Optional[jax.Device] = None) -> UMT5Encoder:
   """A `UMT5Encoder` from a folder written by `convert` (dtype None: as stored)."""
-  folder = Path(folder)
-  marker = cc.read_marker(folder, FORMAT, FORMAT_VERSION)
-  if marker is None:
-    raise cc.CheckpointError(f"{folder}: not a converted UMT5 encoder (no {cc.MARKER})")
-  cfg = cc.stored_config(marker, UMT5Config, folder, config, dtype)
+  folder, cfg = cc.converted_config(folder, FORMAT, FORMAT_VERSION, UMT5Config, config,
+                                    dtype)
   return cc.restore_params(_abstract(cfg), folder / cc.PARAMS_DIR, device=device)
 
 

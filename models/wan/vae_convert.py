@@ -382,8 +382,7 @@ def read_config(location: os.PathLike) -> Optional[WanVAEConfig]:
   only in its tensor shapes, which need torch to read)."""
   kind, path = find_source(location)
   if kind == "converted":
-    return cc.stored_config(cc.read_marker(path, FORMAT, FORMAT_VERSION), WanVAEConfig, path,
-                            None, None)
+    return cc.converted_config(path, FORMAT, FORMAT_VERSION, WanVAEConfig)[1]
   if kind == "original":
     return None
   return load_config(path)
@@ -394,11 +393,8 @@ def read_config(location: os.PathLike) -> Optional[WanVAEConfig]:
 def load_converted(folder: os.PathLike, *, config: Optional[WanVAEConfig] = None,
                    dtype: Any = None, device: Optional[jax.Device] = None) -> WanVAE:
   """A `WanVAE` from a folder written by `convert` (dtype None: as stored)."""
-  folder = Path(folder)
-  marker = cc.read_marker(folder, FORMAT, FORMAT_VERSION)
-  if marker is None:
-    raise cc.CheckpointError(f"{folder}: not a converted Wan VAE (no {cc.MARKER})")
-  cfg = cc.stored_config(marker, WanVAEConfig, folder, config, dtype)
+  folder, cfg = cc.converted_config(folder, FORMAT, FORMAT_VERSION, WanVAEConfig, config,
+                                    dtype)
   return cc.restore_params(_abstract(cfg), folder / cc.PARAMS_DIR, device=device)
 
 

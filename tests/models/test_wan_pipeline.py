@@ -302,6 +302,7 @@ def test_callback_can_replace_latents(dense_pipe):
     (dict(lat=np.zeros((1, 4, 3, 8, 8), np.float32)), ValueError, "latents have shape"),
     (dict(seed=1), ValueError, "seed or latents"),
     (dict(output_type="np"), ValueError, "vae"),
+    (dict(schedule=0.2), TypeError, "schedule must be an SvgEarSchedule, got float"),
 ])
 def test_validation(dense_pipe, change, error, match):
   lat, pe, ne = _inputs()
