@@ -10,8 +10,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
   inputs: how the kernel gets its inputs, with random permutations: sorted copies made by
           XLA (gather, kernel, inverse gather) vs reading through the permutation indices,
           heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
-  mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with and without half tiles, vs
-          the Triton kernel.
+  mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with half tiles paired, with
+          idle second warpgroups or without half tiles, vs the Triton kernel.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -224,10 +224,10 @@ def inputs(configs, budget_end, problem=None, interpret=False):
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
-  Per (chunk size, half_tiles): the kernel alone on prepared tables, the whole call (sorted
-  copies, tables, output gather), useful TFLOP/s (exact area) and visited TFLOP/s (every
-  exact key slot the kernel computes, padding included), and the largest difference from
-  the Triton output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in
+  Per (chunk size, half_tiles, pair_half_tiles, sorted_queries): the kernel alone on prepared tables, the
+  whole call (padded copies of K / V, tables, kernel), useful TFLOP/s (exact area) and
+  visited TFLOP/s (every exact key slot the computing warpgroups visit, padding included),
+  and the largest difference from the Triton output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in
   interpret mode.
   """
   args, area = wan_problem(**(problem or {}))
@@ -242,39 +242,45 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
-  for chunk, half in chunks:
+  for chunk, half, pair, sorted_q in chunks:
+    tag = dict(chunk_rows=chunk, half_tiles=half, pair_half_tiles=pair,
+               sorted_queries=sorted_q)
     if time.time() > budget_end:
-      emit(what="skipped", chunk=chunk, half_tiles=half)
+      emit(what="skipped", **tag)
       continue
     try:
       whole = jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
                                         sm_scale=scale, chunk_rows=chunk, half_tiles=half,
+                                        pair_half_tiles=pair, sorted_queries=sorted_q,
                                         emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
       prep = jax.jit(lambda *a: sm.prepare_mgpu(
-          *a, compensation=True, chunk=chunk, half_tiles=half,
+          *a, compensation=True, chunk=chunk, half_tiles=half, pair_half_tiles=pair,
+          sorted_queries=sorted_q and not emulate,
           chunk_impl="jnp" if emulate else "pallas")[:4])
       tables, qp, kp, vp = prep(*args)
       statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
       if emulate:
         kern = functools.partial(sm.emulate_kernel, scale=scale * sm._LOG2E, **statics)
       else:
-        kern = functools.partial(sm._call, mcs=2, scale=scale * sm._LOG2E, **statics)
+        kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
+                                 **statics)
       ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
-      tile_c, _, tile_wgs, n_exact = tables[:4]
-      # key steps x computing warpgroups (64 query rows each), padding included
-      wg_steps = int(jnp.sum(
-          tile_wgs * jnp.take_along_axis(n_exact, jnp.maximum(tile_c, 0), 1)))
-      emit(what="mosaic", chunk_rows=chunk, half_tiles=half, kernel_ms=ms_kernel,
+      mode, exact = tables[:2]
+      n_half = jnp.sum(mode == sm.MODE_HALF) + 2 * jnp.sum(mode == sm.MODE_PAIR)
+      wgs = jnp.where(mode == sm.MODE_HALF, 1, jnp.where(mode == sm.MODE_NONE, 0, 2))
+      # key slots x query rows of the computing warpgroups' exact steps, padding included
+      visited = int(jnp.sum(wgs * exact * jnp.where(mode == sm.MODE_PAIR, sm.HALF_K,
+                                                    sm.BLOCK_K))) * sm.BLOCK_Q
+      emit(what="mosaic", **tag, kernel_ms=ms_kernel,
            whole_ms=ms_whole, useful_tflops=useful / ms_kernel / 1e9,
-           visited_tflops=4 * d * wg_steps * sm.BLOCK_K * sm.BLOCK_Q / ms_kernel / 1e9,
-           half_tile_share=float(jnp.sum(tile_wgs == 1) / jnp.sum(tile_wgs > 0)),
+           visited_tflops=4 * d * visited / ms_kernel / 1e9,
+           half_tile_share=float(n_half / (jnp.sum(mode == sm.MODE_FULL) + n_half)),
            max_diff_vs_triton=float(jnp.max(jnp.abs(out - ref))),
            mem_gb=timing.compiled_memory_gb(whole, *args), timing=how)
     except Exception as e:  # report and go on
-      emit(what="mosaic", chunk_rows=chunk, half_tiles=half,
-           error=f"{type(e).__name__}: {str(e)[:400]}")
+      emit(what="mosaic", **tag, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
 PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)
@@ -378,7 +384,9 @@ def main():
   elif mode == "inputs":
     inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
   elif mode == "mosaic":
-    mosaic([(16, True), (16, False), (8, True), (32, True), (64, True)], start + budget)
+    mosaic([(16, True, True, False), (16, True, True, True), (16, True, False, False),
+            (16, False, False, False), (8, True, True, False), (32, True, True, False)],
+           start + budget)
   elif mode == "probe":
     probe(PROBE_CONFIGS, start + budget)
   elif mode == "assign":
@@ -389,7 +397,8 @@ def main():
     problem = dict(g=2, s=600, d=32, kq=6, kk=20)
     attention(small, start + budget, interpret=True, problem=problem)
     inputs(small[:1], start + budget, problem=problem, interpret=True)
-    mosaic([(16, True), (8, False)], start + budget, problem=problem, emulate=True)
+    mosaic([(16, True, True, False), (8, False, False, False)], start + budget,
+           problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
     assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),

@@ -4,16 +4,21 @@ For clusters that are consecutive runs of a sorted order (sorted position p of h
 token index[g, p]; cluster j = positions [off_j, off_j + n_j), off = exclusive cumsum of
 the sizes):
 
+  means_j = mean_{t in C_j} x_t                     (`cluster_means`: the Lloyd update),
   second_j = mean_{t in C_j} x_t * x_t              (no centroids), or
   second_j = mean_{t in C_j} (x_t - c_j)^2,  radius_j = max_{t in C_j} ||x_t - c_j||,
   value_means_j = mean_{t in C_j} v_t               (when values are given).
 
-These are the key spread (variance and radius about the centroids, for the variance
-compensation), the query clusters' second moments and the value means. In XLA they are
-scatter-adds by label, which on GPU contend on the atomics of a few hundred clusters
-(~1 ms per [40, 75600, 128] pass into 300 clusters); here each program walks its clusters'
-rows of the sorted order once, gathering rows of x (and v) through `index`, and writes each
-cluster's results once, so no atomics are needed.
+These are the k-means centroid update, the key spread (variance and radius about the
+centroids, for the variance compensation), the query clusters' second moments and the value
+means. In XLA they are scatter-adds by label, which on GPU contend on the atomics of a few
+hundred clusters (~1 ms per [40, 75600, 128] pass into 300 clusters); here each program
+walks its clusters' rows of the sorted order once, gathering rows of x (and v) through
+`index`, and writes each cluster's results once, so no atomics are needed.
+
+Rows are [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h read in place through
+strides), optionally only the first `num_rows` of every head (the index then points into
+those), so no transposed or sliced copy is made.
 """
 
 import functools
@@ -28,7 +33,7 @@ from pallas_kernels import common
 
 
 def _kernel(off_ref, size_ref, idx_ref, x_ref, *refs, block_rows, d, num_clusters,
-            clusters_per_program, centred, has_values):
+            clusters_per_program, centred, has_values, first):
   refs = list(refs)
   c_ref = refs.pop(0) if centred else None
   v_ref = refs.pop(0) if has_values else None
@@ -57,7 +62,7 @@ def _kernel(off_ref, size_ref, idx_ref, x_ref, *refs, block_rows, d, num_cluster
       x = x.astype(jnp.float32)
       if centred:
         x = jnp.where(mask, x - c[None, :], 0.)
-      sq = x * x
+      sq = x if first else x * x  # first: the plain sum (means), not squares
       acc = dict(acc, sq=acc["sq"] + sq)
       if centred:
         acc["max"] = jnp.maximum(acc["max"], jnp.sum(sq, axis=1))
@@ -91,12 +96,11 @@ def _is_float(x):
   return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _check(x, sizes, index, centroids, values):
-  if x.ndim != 3 or not _is_float(x):
-    raise ValueError(f"x must be a [G, S, D] float array, got {x.shape} {x.dtype}")
-  g, s, d = x.shape
-  if index.shape != (g, s) or not jnp.issubdtype(index.dtype, jnp.integer):
-    raise ValueError(f"index must be [G, S] = {(g, s)} integers, got {index.shape} "
+def _check(x, sizes, index, centroids, values, num_rows):
+  """(G, H, N, D, K) after checking the arguments (x, values: [G, S, D] or [B, S, H, D])."""
+  g, h, n, d = common.head_rows(x, "x", num_rows)
+  if index.shape != (g, n) or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"index must be [G, N] = {(g, n)} integers, got {index.shape} "
                      f"{index.dtype}")
   if sizes.ndim != 2 or sizes.shape[0] != g or not jnp.issubdtype(sizes.dtype, jnp.integer):
     raise ValueError(f"sizes must be [G, K] integers with G = {g}, got {sizes.shape} "
@@ -106,28 +110,79 @@ def _check(x, sizes, index, centroids, values):
     raise ValueError(f"centroids must be [G, K, D] = {(g, k, d)} floats, got "
                      f"{centroids.shape} {centroids.dtype}")
   if values is not None and (values.shape != x.shape or not _is_float(values)):
-    raise ValueError(f"values must be [G, S, D] = {x.shape} floats like x, got "
+    raise ValueError(f"values must be shaped like x {x.shape} and float, got "
                      f"{values.shape} {values.dtype}")
-  return g, s, d, k
+  return g, h, n, d, k
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "cluster_splits", "num_warps",
-                                             "num_stages", "interpret"))
-def cluster_moments(x, sizes, index, *, centroids=None, values=None, block_rows: int = 32,
-                    cluster_splits: int = 128, num_warps: int = 4, num_stages: int = 2,
-                    interpret: bool = False):
+def _walk(x, sizes, index, centroids, values, *, num_rows, first, block_rows, cluster_splits,
+          num_warps, num_stages, interpret):
+  """One pallas_call walking every cluster's sorted rows: (sums-or-squares, radius or None,
+  value means or None) per cluster, each divided by the cluster size."""
+  g, _, n, d, k = _check(x, sizes, index, centroids, values, num_rows)
+  common.check_block("block_rows", block_rows)
+  if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
+    raise ValueError(f"cluster_splits must be an int >= 1, got {cluster_splits!r}")
+  per_program = common.cdiv(k, cluster_splits)
+  sizes = sizes.astype(jnp.int32)
+  offsets = (jnp.cumsum(sizes, -1) - sizes).astype(jnp.int32)
+  small = [offsets, sizes, index.astype(jnp.int32)]
+  if centroids is not None:
+    small.append(centroids.astype(jnp.float32))
+  out_shapes = [jax.ShapeDtypeStruct((g, k, d), jnp.float32)]
+  if centroids is not None:
+    out_shapes.append(jax.ShapeDtypeStruct((g, k), jnp.float32))
+  if values is not None:
+    out_shapes.append(jax.ShapeDtypeStruct((g, k, d), jnp.float32))
+  # each program sees its head's whole arrays: it reads the clusters' rows at data-dependent
+  # positions, so there is no rectangular block to hand it
+  inputs = small[:3] + [x] + small[3:] + ([values] if values is not None else [])
+  in_specs = ([common.head_spec(a.shape) for a in small[:3]] + [common.head_rows_spec(x, n)]
+              + [common.head_spec(a.shape) for a in small[3:]]
+              + ([common.head_rows_spec(values, n)] if values is not None else []))
+  kernel = functools.partial(_kernel, block_rows=block_rows, d=d, num_clusters=k,
+                             clusters_per_program=per_program,
+                             centred=centroids is not None, has_values=values is not None,
+                             first=first)
+  # cluster ranges vary fastest: the programs in flight share one head's rows in L2
+  outs = pl.pallas_call(
+      kernel, grid=(common.cdiv(k, per_program), g), in_specs=in_specs,
+      out_specs=[common.head_spec(o.shape) for o in out_shapes],
+      out_shape=out_shapes, interpret=interpret,
+      name="svg_ear_cluster_means" if first else "svg_ear_cluster_moments",
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+  )(*inputs)
+  outs = list(outs)
+  main = outs.pop(0)
+  radius = outs.pop(0) if centroids is not None else None
+  value_means = outs.pop(0) if values is not None else None
+  return main, radius, value_means
+
+
+_STATIC = ("num_rows", "block_rows", "cluster_splits", "num_warps", "num_stages", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def cluster_moments(x, sizes, index, *, centroids=None, values=None, num_rows=None,
+                    block_rows: int = 32, cluster_splits: int = 128, num_warps: int = 4,
+                    num_stages: int = 2, interpret: bool = False):
   """Per-cluster second moments (about 0 or the centroids), radii and value means.
 
   Args:
-    x: [G, S, D] rows in token order (any float dtype; float32 accumulation).
+    x: [G, S, D] rows in token order, or tokens-first [B, S, H, D] (G = B * H, head
+      g = b * H + h is x[b, :, h, :], read in place) (any float dtype; float32
+      accumulation).
     sizes: [G, K] int32 cluster sizes: cluster j is sorted positions
-      [off_j, off_j + sizes_j), off = exclusive cumsum. sum(sizes) may be < S (the
-      positions past the last cluster are never read) but must not exceed S (not checked:
+      [off_j, off_j + sizes_j), off = exclusive cumsum. sum(sizes) may be < N (the
+      positions past the last cluster are never read) but must not exceed N (not checked:
       traced).
-    index: [G, S] int32 permutation: sorted position p is token index[g, p] of x / values.
+    index: [G, N] int32 permutation: sorted position p is token index[g, p] of x / values
+      (N = num_rows).
     centroids: optional [G, K, D] float32 points the second moments and radii are about.
-    values: optional [G, S, D] float rows in token order (same index) to average per
+    values: optional float rows shaped like x, in token order (same index), to average per
       cluster in the same pass.
+    num_rows: static; only the first num_rows tokens of every head are clustered (default
+      all S): index points into them, nothing past them is read.
     block_rows: rows per tile of the walk (power of two >= 16).
     cluster_splits: programs per head; each walks a contiguous range of
       cdiv(K, cluster_splits) clusters. At G = 40, S = 75,600 the default 128 gives
@@ -144,53 +199,43 @@ def cluster_moments(x, sizes, index, *, centroids=None, values=None, block_rows:
     (second [G, K, D] float32, radius [G, K] float32 or None (None without centroids),
     value_means [G, K, D] float32 or None (None without values)); 0 for empty clusters.
   """
-  g, s, d, k = _check(x, sizes, index, centroids, values)
-  common.check_block("block_rows", block_rows)
-  if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
-    raise ValueError(f"cluster_splits must be an int >= 1, got {cluster_splits!r}")
-  per_program = common.cdiv(k, cluster_splits)
-  sizes = sizes.astype(jnp.int32)
-  offsets = (jnp.cumsum(sizes, -1) - sizes).astype(jnp.int32)
-  inputs = [offsets, sizes, index.astype(jnp.int32), x]
-  if centroids is not None:
-    inputs.append(centroids.astype(jnp.float32))
-  if values is not None:
-    inputs.append(values)
-  out_shapes = [jax.ShapeDtypeStruct((g, k, d), jnp.float32)]
-  if centroids is not None:
-    out_shapes.append(jax.ShapeDtypeStruct((g, k), jnp.float32))
-  if values is not None:
-    out_shapes.append(jax.ShapeDtypeStruct((g, k, d), jnp.float32))
-  # each program sees its head's whole arrays: it reads the clusters' rows at data-dependent
-  # positions, so there is no rectangular block to hand it
-  spec = lambda shape: pl.BlockSpec((None,) + shape[1:],
-                                    lambda j, h, _n=len(shape): (h,) + (0,) * (_n - 1))
-  kernel = functools.partial(_kernel, block_rows=block_rows, d=d, num_clusters=k,
-                             clusters_per_program=per_program,
-                             centred=centroids is not None, has_values=values is not None)
-  # cluster ranges vary fastest: the programs in flight share one head's rows in L2
-  outs = pl.pallas_call(
-      kernel, grid=(common.cdiv(k, per_program), g),
-      in_specs=[spec(a.shape) for a in inputs],
-      out_specs=[spec(o.shape) for o in out_shapes],
-      out_shape=out_shapes, interpret=interpret, name="svg_ear_cluster_moments",
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-  )(*inputs)
-  outs = list(outs)
-  second = outs.pop(0)
-  radius = outs.pop(0) if centroids is not None else None
-  value_means = outs.pop(0) if values is not None else None
-  return second, radius, value_means
+  return _walk(x, sizes, index, centroids, values, num_rows=num_rows, first=False,
+               block_rows=block_rows, cluster_splits=cluster_splits, num_warps=num_warps,
+               num_stages=num_stages, interpret=interpret)
 
 
-def cluster_moments_reference(x, sizes, index, *, centroids=None, values=None):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def cluster_means(x, sizes, index, *, num_rows=None, block_rows: int = 32,
+                  cluster_splits: int = 128, num_warps: int = 4, num_stages: int = 2,
+                  interpret: bool = False):
+  """Per-cluster means of x (the Lloyd centroid update, or value means), without atomics.
+
+  Args:
+    x, sizes, index, num_rows, block_rows, cluster_splits, num_warps, num_stages,
+      interpret: as in `cluster_moments` (x [G, S, D] or [B, S, H, D]; index [G, N]).
+
+  Returns:
+    [G, K, D] float32 means, 0 for empty clusters.
+  """
+  return _walk(x, sizes, index, None, None, num_rows=num_rows, first=True,
+               block_rows=block_rows, cluster_splits=cluster_splits, num_warps=num_warps,
+               num_stages=num_stages, interpret=interpret)[0]
+
+
+def _sorted_rows(x, index, num_rows):
+  """[G, N, D] float32 rows of x in the sorted order of index."""
+  xg = common.heads_first(x, num_rows)
+  return jnp.take_along_axis(xg.astype(jnp.float32), index.astype(jnp.int32)[..., None],
+                             axis=1)
+
+
+def cluster_moments_reference(x, sizes, index, *, centroids=None, values=None,
+                              num_rows=None):
   """The same (second, radius, value_means) by float32 segment sums over sorted labels."""
-  g, s, d, k = _check(x, sizes, index, centroids, values)
+  g, _, n, d, k = _check(x, sizes, index, centroids, values, num_rows)
   sizes = sizes.astype(jnp.int32)
-  labels = common.searchsorted_rows(jnp.cumsum(sizes, -1), jnp.arange(s))  # K: no cluster
-  index = index.astype(jnp.int32)
-  sort = lambda a: jnp.take_along_axis(a.astype(jnp.float32), index[..., None], axis=1)
-  xs = sort(x)
+  labels = common.searchsorted_rows(jnp.cumsum(sizes, -1), jnp.arange(n))  # K: no cluster
+  xs = _sorted_rows(x, index, num_rows)
   if centroids is not None:
     xs = xs - jnp.take_along_axis(centroids.astype(jnp.float32), labels[..., None], axis=1,
                                   mode="clip")
@@ -204,5 +249,15 @@ def cluster_moments_reference(x, sizes, index, *, centroids=None, values=None):
         jnp.sum(sq, -1), labels)
     radius = jnp.where(sizes > 0, jnp.sqrt(jnp.maximum(max_sq, 0.0)), 0.0)
   if values is not None:
-    value_means = seg_sum(sort(values), labels) * inv
+    value_means = seg_sum(_sorted_rows(values, index, num_rows), labels) * inv
   return second, radius, value_means
+
+
+def cluster_means_reference(x, sizes, index, *, num_rows=None):
+  """The same means as `cluster_means` by a float32 segment sum over sorted labels."""
+  _, _, n, _, k = _check(x, sizes, index, None, None, num_rows)
+  sizes = sizes.astype(jnp.int32)
+  labels = common.searchsorted_rows(jnp.cumsum(sizes, -1), jnp.arange(n))
+  sums = jax.vmap(lambda a, lab: jax.ops.segment_sum(a, lab, num_segments=k))(
+      _sorted_rows(x, index, num_rows), labels)
+  return sums / jnp.maximum(sizes, 1).astype(jnp.float32)[..., None]

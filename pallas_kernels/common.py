@@ -1,8 +1,9 @@
 """Small helpers shared by the kernels: ceil division, power-of-two padding, per-head
-searchsorted, tile-size and input checks."""
+searchsorted, tile-size and input checks, per-head block specs."""
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def cdiv(a, b):
@@ -55,3 +56,47 @@ def compensation_mode(compensation, k_variance, k_radius, k_centroids) -> str:
       raise ValueError(f"k_variance {k_variance.shape} / k_radius {k_radius.shape} do not "
                        f"match k_centroids {k_centroids.shape}")
   return compensation
+
+
+def head_rows(x, name: str = "x", num_rows=None):
+  """(G, H, N, D) of per-head rows after checking them: x is [G, S, D] (H is None) or
+  tokens-first [B, S, H, D] (G = B * H, head g = b * H + h reads x[b, :, h, :]); the
+  kernels see the first N = num_rows (default S) rows of every head."""
+  if x.ndim not in (3, 4) or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a [G, S, D] or [B, S, H, D] float array, got "
+                     f"{x.shape} {x.dtype}")
+  s = x.shape[1]
+  if num_rows is None:
+    num_rows = s
+  if isinstance(num_rows, bool) or not isinstance(num_rows, int) or not 1 <= num_rows <= s:
+    raise ValueError(f"num_rows must be an int in [1, S={s}], got {num_rows!r}")
+  if x.ndim == 4:
+    return x.shape[0] * x.shape[2], x.shape[2], num_rows, x.shape[3]
+  return x.shape[0], None, num_rows, x.shape[2]
+
+
+def head_rows_spec(x, num_rows: int):
+  """BlockSpec of head g's first `num_rows` rows of x ([G, S, D] or [B, S, H, D]) for the
+  program whose last grid index is g: the kernel sees an [N, D] ref; tokens-first heads
+  are read through strides (row stride H * D), so no transposed or sliced copy is made."""
+  if x.ndim == 4:
+    h, d = x.shape[2], x.shape[3]
+    return pl.BlockSpec((None, num_rows, None, d),
+                        lambda *idx: (idx[-1] // h, 0, idx[-1] % h, 0))
+  return pl.BlockSpec((None, num_rows, x.shape[2]), lambda *idx: (idx[-1], 0, 0))
+
+
+def head_spec(shape):
+  """BlockSpec of head g's whole slice of a head-major [G, ...] array (last grid index g)."""
+  n = len(shape)
+  return pl.BlockSpec((None,) + tuple(shape[1:]), lambda *idx: (idx[-1],) + (0,) * (n - 1))
+
+
+def heads_first(x, num_rows=None):
+  """Head-major [G, N, D] copy of the first num_rows rows of x ([G, S, D] or
+  [B, S, H, D]): for the jnp references (the kernels read x in place)."""
+  _, _, n, d = head_rows(x, "x", num_rows)
+  if x.ndim == 4:
+    b, s, h, _ = x.shape
+    x = x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
+  return x[:, :n]

@@ -8,6 +8,9 @@ One program owns a block of query centroids and walks every key cluster's token 
 with a running max per (centroid, cluster) that starts at c_ij (as the reference kernel),
 and writes log E_ij = log(E') + 2 max, so nothing overflows (the reference multiplies by
 e^{2 max} in float32). Per-token ||v_t||^2 and <vbar_j, v_t> are precomputed in XLA.
+Keys and values may be [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h read in
+place through strides), optionally only their first `num_rows` rows (HunyuanVideo's video
+tokens), so no transposed or sliced copy is made.
 """
 
 import functools
@@ -23,29 +26,45 @@ from pallas_kernels import common
 _HI = lax.Precision.HIGHEST
 
 
-def _value_stats(v, k_sizes, v_centroids, kv_index):
-  """||v_t||^2 and <vbar_j, v_t> per permuted key position: [G, S] float32 each."""
-  s = v.shape[1]
-  rows = jnp.arange(s)
+def _value_stats(v, k_sizes, v_centroids, kv_index, num_rows):
+  """||v_t||^2 and <vbar_j, v_t> per permuted key position: [G, N] float32 each.
+
+  v is [G, S, D] or tokens-first [B, S, H, D] (first num_rows rows); the per-token values
+  are computed in v's own layout (one fused pass over v, no transposed copy of it) and only
+  the [G, N] results are rearranged.
+  """
+  g, h, n, _ = common.head_rows(v, "v", num_rows)
+  rows = jnp.arange(n)
   labels = common.searchsorted_rows(jnp.cumsum(k_sizes, -1), rows)
   if kv_index is not None:  # labels of the tokens in their own (unpermuted) order
     labels = jax.vmap(lambda p, lab: jnp.zeros_like(lab).at[p].set(lab))(kv_index, labels)
-  vf = v.astype(jnp.float32)
-  vc_t = jnp.take_along_axis(v_centroids.astype(jnp.float32), labels[..., None], axis=1,
-                             mode="clip")
-  vsq, cross = jnp.sum(vf * vf, -1), jnp.sum(vf * vc_t, -1)
-  if kv_index is not None:  # [G, S] gathers instead of permuted copies of v
+  vc = v_centroids.astype(jnp.float32)
+  if h is None:
+    vf = v[:, :n].astype(jnp.float32)
+    vc_t = jnp.take_along_axis(vc, labels[..., None], axis=1, mode="clip")
+    vsq, cross = jnp.sum(vf * vf, -1), jnp.sum(vf * vc_t, -1)
+  else:  # [B, N, H] per-token values, head g = b * H + h
+    b = v.shape[0]
+    vf = v[:, :n].astype(jnp.float32)
+    lab = labels.reshape(b, h, n).transpose(0, 2, 1)  # [B, N, H]
+    head = jnp.arange(b * h).reshape(b, 1, h)
+    vc_t = vc[head, jnp.minimum(lab, vc.shape[1] - 1)]  # [B, N, H, D]
+    to_heads = lambda a: a.transpose(0, 2, 1).reshape(g, n)
+    vsq, cross = to_heads(jnp.sum(vf * vf, -1)), to_heads(jnp.sum(vf * vc_t, -1))
+  if kv_index is not None:  # [G, N] gathers instead of permuted copies of v
     vsq = jnp.take_along_axis(vsq, kv_index, axis=1)
     cross = jnp.take_along_axis(cross, kv_index, axis=1)
   return vsq, cross
 
 
 def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_ref, *refs,
-            block_qc, block_k, num_q, num_k_clusters, clusters_per_program, scale, precision):
+            block_qc, block_k, num_q, num_k_clusters, clusters_per_program, scale, head_dim,
+            precision):
   *idx_ref, o_ref = refs
   i0 = pl.program_id(0) * block_qc
-  d = qc_ref.shape[-1]
-  cols = jnp.arange(d)
+  dp = qc_ref.shape[-1]  # head_dim padded to a power of two (k's extra columns masked off)
+  cols = jnp.arange(dp)
+  col_ok = cols < head_dim
   rows_q = i0 + jnp.arange(block_qc)
   q_ok = rows_q < num_q
   qc = plgpu.load(qc_ref.at[rows_q[:, None], cols[None, :]], mask=q_ok[:, None], other=0.)
@@ -62,7 +81,8 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
       rows = start + t * block_k + t0
       ok = rows < start + n
       k_rows = plgpu.load(idx_ref[0].at[rows], mask=ok, other=0) if idx_ref else rows
-      k = plgpu.load(k_ref.at[k_rows[:, None], cols[None, :]], mask=ok[:, None], other=0.)
+      k_mask = ok[:, None] if dp == head_dim else ok[:, None] & col_ok[None, :]
+      k = plgpu.load(k_ref.at[k_rows[:, None], cols[None, :]], mask=k_mask, other=0.)
       vsq = plgpu.load(vsq_ref.at[rows], mask=ok, other=0.)
       cross = plgpu.load(cross_ref.at[rows], mask=ok, other=0.)
       a = plgpu.dot(qc, k, trans_b=True, precision=precision) * scale
@@ -88,13 +108,32 @@ def _kernel(off_ref, size_ref, c_ref, vcsq_ref, qc_ref, k_ref, vsq_ref, cross_re
   lax.fori_loop(j0, j1, cluster, jnp.int32(0))
 
 
+def _check(q_centroids, k, v, k_centroids, v_centroids, k_sizes, kv_index, num_rows):
+  """(G, N, D, Kq, Kk) after checking the shapes (k, v: [G, S, D] or [B, S, H, D])."""
+  g, _, n, d = common.head_rows(k, "k", num_rows)
+  if v.shape != k.shape or not jnp.issubdtype(v.dtype, jnp.floating):
+    raise ValueError(f"v must be shaped like k {k.shape} and float, got {v.shape} {v.dtype}")
+  if q_centroids.ndim != 3 or q_centroids.shape[0] != g or q_centroids.shape[2] != d:
+    raise ValueError(f"q_centroids must be [G, Kq, D] with G = {g}, D = {d}, got "
+                     f"{q_centroids.shape}")
+  if k_sizes.ndim != 2 or k_sizes.shape[0] != g:
+    raise ValueError(f"k_sizes must be [G, Kk] with G = {g}, got {k_sizes.shape}")
+  kk = k_sizes.shape[1]
+  for name, c in (("k_centroids", k_centroids), ("v_centroids", v_centroids)):
+    if c.shape != (g, kk, d):
+      raise ValueError(f"{name} must be [G, Kk, D] = {(g, kk, d)}, got {c.shape}")
+  if kv_index is not None and kv_index.shape != (g, n):
+    raise ValueError(f"kv_index must be [G, N] = {(g, n)}, got {kv_index.shape}")
+  return g, n, d, q_centroids.shape[1], kk
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_qc", "block_k", "cluster_splits",
-                                             "num_warps", "num_stages", "interpret"))
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_rows", "block_qc", "block_k",
+                                             "cluster_splits", "num_warps", "num_stages",
+                                             "interpret"))
 def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_scale: float,
                     block_qc: int = 64, block_k: int = 32, cluster_splits: int = 32,
                     num_warps: int = 4, num_stages: int = 2, kv_index=None,
-                    pseudo_logits=None, interpret: bool = False):
+                    pseudo_logits=None, num_rows=None, interpret: bool = False):
   """log E_ij for every (query centroid, key cluster) pair.
 
   Args:
@@ -102,7 +141,8 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
       at full float32 precision when k is float32).
     k, v: [G, S, D] keys / values sorted by key cluster (cluster j = rows
       [off_j, off_j + k_sizes_j), off = exclusive cumsum of k_sizes), or in token order
-      when `kv_index` is given.
+      when `kv_index` is given; or either of these tokens-first, [B, S, H, D] (G = B * H,
+      head g = b * H + h is k[b, :, h, :], read in place).
     k_centroids, v_centroids: [G, Kk, D] key centroid (for c_ij) and mean value per cluster.
     k_sizes: [G, Kk] int32.
     sm_scale: softmax scale.
@@ -112,18 +152,20 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
       keys leaves too few programs in flight to hide the gathers' latency (Kq / block_qc x
       G = 200 at Wan 720p, on 132 SMs): H100, Wan 720p, 1 / 8 / 32 splits: 5.56 / 3.11 /
       2.89 ms.
-    kv_index: optional [G, S] int32 permutation: sorted position p is token kv_index[g, p]
+    kv_index: optional [G, N] int32 permutation: sorted position p is token kv_index[g, p]
       of k and v (read through it, so no permuted copies are made).
     pseudo_logits: optional [G, Kq, Kk] float32 logit of the pseudo-token that replaces
       block (i, j) (default c_ij = qbar_i . kbar_j * sm_scale, the paper's); e.g. c_ij plus
       a second-moment correction, so that E_ij is the error of the compensation in use.
+    num_rows: static; only the first N = num_rows rows of every head of k and v are keys
+      (default all S), e.g. HunyuanVideo's video tokens ahead of its text ones.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
     [G, Kq, Kk] float32 natural-log errors, -inf where E_ij <= 0 (e.g. empty clusters).
   """
-  g, kq, d = q_centroids.shape
-  kk = k_sizes.shape[-1]
+  g, n, d, kq, kk = _check(q_centroids, k, v, k_centroids, v_centroids, k_sizes, kv_index,
+                           num_rows)
   for name, b in (("block_qc", block_qc), ("block_k", block_k)):
     common.check_block(name, b)
   if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
@@ -132,7 +174,7 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   k_sizes = k_sizes.astype(jnp.int32)
   if kv_index is not None:
     kv_index = kv_index.astype(jnp.int32)
-  vsq, cross = _value_stats(v, k_sizes, v_centroids, kv_index)
+  vsq, cross = _value_stats(v, k_sizes, v_centroids, kv_index, n)
   if pseudo_logits is None:
     logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
                         k_centroids.astype(jnp.float32), precision=_HI) * sm_scale
@@ -144,25 +186,23 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   vc_sq = jnp.sum(jnp.square(v_centroids.astype(jnp.float32)), -1)
   dp = max(16, common.next_pow2(d))
   qc = q_centroids.astype(jnp.float32)
-  if dp != d:
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, dp - d)))
-    qc, k = pad(qc), pad(k)
+  if dp != d:  # the centroids are small: pad them; k's extra columns are masked in the kernel
+    qc = jnp.pad(qc, ((0, 0), (0, 0), (0, dp - d)))
   offsets = (jnp.cumsum(k_sizes, -1) - k_sizes).astype(jnp.int32)
   precision = _HI if k.dtype == jnp.float32 else None
   kernel = functools.partial(_kernel, block_qc=block_qc, block_k=block_k, num_q=kq,
                              num_k_clusters=kk, clusters_per_program=per_program,
-                             scale=sm_scale, precision=precision)
+                             scale=sm_scale, head_dim=d, precision=precision)
   inputs = [offsets, k_sizes, logits.reshape(g, -1), vc_sq, qc, k, vsq, cross]
   if kv_index is not None:
     inputs.append(kv_index)
-  spec = lambda x: pl.BlockSpec((None,) + x.shape[1:],
-                                lambda i, j, h, _n=x.ndim: (h,) + (0,) * (_n - 1))
+  specs = [common.head_spec(x.shape) for x in inputs]
+  specs[5] = common.head_rows_spec(k, n)  # k: read in place (tokens-first: strided)
   # centroid blocks vary fastest, then cluster ranges: the programs in flight share a head's
   # keys in L2
   out = pl.pallas_call(
       kernel, grid=(common.cdiv(kq, block_qc), common.cdiv(kk, per_program), g),
-      in_specs=[spec(x) for x in inputs],
-      out_specs=pl.BlockSpec((None, kk * kq), lambda i, j, h: (h, 0)),
+      in_specs=specs, out_specs=common.head_spec((g, kk * kq)),
       out_shape=jax.ShapeDtypeStruct((g, kk * kq), jnp.float32), interpret=interpret,
       name="svg_ear_error_probe",
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -171,11 +211,17 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
 
 
 def ear_error_probe_reference(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *,
-                              sm_scale: float, pseudo_logits=None):
-  """Direct float32 jnp evaluation of the same log E_ij (materialises [G, Kq, S, D])."""
-  g, s, d = k.shape
-  kk = k_sizes.shape[-1]
-  labels = common.searchsorted_rows(jnp.cumsum(k_sizes, -1), jnp.arange(s))
+                              sm_scale: float, pseudo_logits=None, kv_index=None,
+                              num_rows=None):
+  """Direct float32 jnp evaluation of the same log E_ij (materialises [G, Kq, N, D]); k, v,
+  kv_index, num_rows as in `ear_error_probe`."""
+  g, n, d, kq, kk = _check(q_centroids, k, v, k_centroids, v_centroids, k_sizes, kv_index,
+                           num_rows)
+  k, v = common.heads_first(k, n), common.heads_first(v, n)
+  if kv_index is not None:  # sorted copies
+    idx = kv_index.astype(jnp.int32)[..., None]
+    k, v = jnp.take_along_axis(k, idx, axis=1), jnp.take_along_axis(v, idx, axis=1)
+  labels = common.searchsorted_rows(jnp.cumsum(k_sizes, -1), jnp.arange(n))
   f32 = lambda x: x.astype(jnp.float32)
   a = jnp.einsum("gqd,gsd->gqs", f32(q_centroids), f32(k), precision=_HI) * sm_scale
   c = jnp.einsum("gqd,gkd->gqk", f32(q_centroids), f32(k_centroids), precision=_HI) * sm_scale
@@ -185,7 +231,7 @@ def ear_error_probe_reference(q_centroids, k, v, k_centroids, v_centroids, k_siz
                             mode="clip")
   vc_t = jnp.take_along_axis(f32(v_centroids), labels[..., None], axis=1, mode="clip")
   diff = (jnp.exp(a)[..., None] * f32(v)[:, None] - jnp.exp(c_t)[..., None] * vc_t[:, None])
-  per_token = jnp.sum(diff * diff, -1)  # [G, Kq, S]
+  per_token = jnp.sum(diff * diff, -1)  # [G, Kq, N]
   err = jax.vmap(lambda pt, lab: jax.ops.segment_sum(pt.T, lab, num_segments=kk).T)(
       per_token, labels)
   return jnp.where(err > 0, jnp.log(jnp.where(err > 0, err, 1.0)), -jnp.inf)

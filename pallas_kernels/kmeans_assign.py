@@ -4,8 +4,11 @@ FlashAssign), never writing the N x K distance matrix.
 d(x, c) = ||c||^2 - 2 x.c (||x||^2 is the same for every centroid). The dot runs in x's
 dtype with float32 accumulation (bf16 inputs: bf16 centroids, as the reference kernel), and
 at full float32 precision for float32 inputs (TF32 flips argmins). Ties go to the lowest
-index, as `jnp.argmin`. The centroid update stays a segment sum in XLA
-(svg_ear_jax.kmeans.cluster_means): it is one pass over the points and deterministic.
+index, as `jnp.argmin`. Points are [G, N, D] or tokens-first [B, S, H, D] (head
+g = b * H + h read in place through strides), optionally only their first `num_rows` rows
+(HunyuanVideo's video tokens ahead of its text), so no transposed or sliced copy is made.
+The centroid update is elsewhere: cluster_moments.cluster_means walks the cluster-sorted
+order (svg_ear_jax.kmeans, update="sorted"), or an XLA segment sum.
 """
 
 import functools
@@ -22,13 +25,14 @@ _HI = lax.Precision.HIGHEST
 
 
 def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_clusters,
-            precision):
+            head_dim, precision):
   n0 = pl.program_id(0) * block_n
-  d = x_ref.shape[-1]
-  cols = jnp.arange(d)
+  dp = c_ref.shape[-1]  # head_dim padded to a power of two (x's extra columns masked off)
+  cols = jnp.arange(dp)
   rows = n0 + jnp.arange(block_n)
   ok = rows < num_points
-  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=ok[:, None], other=0.)
+  mask = ok[:, None] if dp == head_dim else ok[:, None] & (cols < head_dim)[None, :]
+  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.)
   k0 = jnp.arange(block_k)
 
   def body(j, carry):
@@ -49,16 +53,18 @@ def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_c
   plgpu.store(o_ref.at[rows], arg, mask=ok)
 
 
-
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages",
-                                             "interpret"))
-def kmeans_assign(x, centroids, *, block_n: int = 128, block_k: int = 64, num_warps: int = 4,
-                  num_stages: int = 2, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("num_rows", "block_n", "block_k", "num_warps",
+                                             "num_stages", "interpret"))
+def kmeans_assign(x, centroids, *, num_rows=None, block_n: int = 128, block_k: int = 64,
+                  num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
   """Nearest centroid of every point.
 
   Args:
-    x: [G, N, D] points (float32, bfloat16 or float16).
+    x: [G, N, D] points, or tokens-first [B, S, H, D] (G = B * H, head g = b * H + h is
+      x[b, :, h, :], read in place) (float32, bfloat16 or float16).
     centroids: [G, K, D] (any float dtype; cast to x's dtype for the dot).
+    num_rows: static; only the first num_rows points of every head are assigned
+      (default all N / S).
     block_n, block_k: points per program / centroids per tile (powers of two >= 16).
       The defaults were the fastest of 15 tilings on an H100 at Wan 720p (G=40, S=75,600,
       D=128, bf16; `python -m benchmarks.kernels assign`): Q (300 centroids) 0.64 ms,
@@ -66,34 +72,38 @@ def kmeans_assign(x, centroids, *, block_n: int = 128, block_k: int = 64, num_wa
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    [G, N] int32 labels.
+    [G, num_rows] int32 labels.
   """
-  g, n, d = x.shape
+  g, _, n, d = common.head_rows(x, "x", num_rows)
+  if centroids.ndim != 3 or centroids.shape[0] != g or centroids.shape[2] != d:
+    raise ValueError(f"centroids must be [G, K, D] with G = {g}, D = {d}, got "
+                     f"{centroids.shape}")
   k = centroids.shape[1]
   for name, b in (("block_n", block_n), ("block_k", block_k)):
     common.check_block(name, b)
   c = centroids.astype(x.dtype)
   c_sq = jnp.sum(jnp.square(c.astype(jnp.float32)), -1)
   dp = max(16, common.next_pow2(d))
-  if dp != d:
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, dp - d)))
-    x, c = pad(x), pad(c)
+  if dp != d:  # the centroids are small: pad them; x's extra columns are masked in the kernel
+    c = jnp.pad(c, ((0, 0), (0, 0), (0, dp - d)))
   precision = _HI if x.dtype == jnp.float32 else None
   kernel = functools.partial(_kernel, block_n=block_n, block_k=block_k, num_points=n,
-                             num_clusters=k, precision=precision)
-  spec = lambda a: pl.BlockSpec((None,) + a.shape[1:],
-                                lambda i, h, _n=a.ndim: (h,) + (0,) * (_n - 1))
+                             num_clusters=k, head_dim=d, precision=precision)
   return pl.pallas_call(
-      kernel, grid=(-(-n // block_n), g), in_specs=[spec(x), spec(c), spec(c_sq)],
-      out_specs=pl.BlockSpec((None, n), lambda i, h: (h, 0)),
+      kernel, grid=(common.cdiv(n, block_n), g),
+      in_specs=[common.head_rows_spec(x, n), common.head_spec(c.shape),
+                common.head_spec(c_sq.shape)],
+      out_specs=common.head_spec((g, n)),
       out_shape=jax.ShapeDtypeStruct((g, n), jnp.int32), interpret=interpret,
       name="svg_ear_kmeans_assign",
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(x, c, c_sq)
 
 
-def kmeans_assign_reference(x, centroids):
-  """argmin_k ||c_k||^2 - 2 x.c_k with the same dtype rules, in jnp: [G, N] int32."""
+def kmeans_assign_reference(x, centroids, *, num_rows=None):
+  """argmin_k ||c_k||^2 - 2 x.c_k with the same dtype rules, in jnp: [G, num_rows] int32
+  (x [G, N, D] or [B, S, H, D] as in `kmeans_assign`)."""
+  x = common.heads_first(x, num_rows)
   c = centroids.astype(x.dtype)
   c_sq = jnp.sum(jnp.square(c.astype(jnp.float32)), -1)
   precision = _HI if x.dtype == jnp.float32 else None

@@ -24,20 +24,30 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   slot give q.kbar and (q*q).w, and the bias row holds the 64 biases and the 64 scaled radii
   of the clamp (no second ring, no extra shared memory; q*q is squared in registers once
   per tile and fed to the wgmma from registers).
-- Query tiles are 128 rows of one query cluster, read from a cluster-sorted copy padded
-  likewise (Mosaic must prove every TMA row offset a multiple of 8); rows past the cluster
-  are computed and dropped, except that a tile whose last 64 rows are all padding (the
-  tail of about half the clusters) leaves its second warpgroup idle: it only keeps the
-  barrier protocol, and the first one runs alone, faster than a full ping-pong tile.
-  Outputs go to tile slots and are gathered back to the caller's layout and token order by
-  XLA.
-- The grid is (head, tile): the CTAs in flight share one head's keys and values.
+- Query tiles are 128 rows of one query cluster (clusters padded to chunk rows in a table
+  of the caller's rows: Mosaic must prove every TMA row offset a multiple of 8); rows past
+  the cluster are computed and dropped. A half tile (last 64 rows all padding; the tail of
+  about half the clusters) is paired with another cluster's half tile in one CTA: each
+  warpgroup has its own query cluster, and each exact step's ring slot holds 64 keys of
+  either list (the two shortest lists together, and so on, so that little of the lockstep
+  is idle). Without pairing the second warpgroup of a half tile idles (it keeps the barrier
+  protocol only).
+- Queries are read and outputs written in the caller's layout, row by row: a warpgroup
+  fetches its 64 row numbers into shared memory, issues 64 one-row TMA copies into an
+  unswizzled buffer (a one-row box cannot land in wgmma's swizzled tiles) and moves them
+  into the swizzled tile through registers; its output rows go back by 64 one-row TMA
+  stores. No sorted copy of Q, no slot buffer, no gather afterwards (`sorted_queries=True`
+  keeps the sorted copy of Q for comparisons).
+- The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
+  not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
+  only the last wave's imbalance (< 1% of the call) could be won back.
 
-Costs beyond the Triton kernel: the sorted copies and the slot buffer (~2.2x the dense
-call's memory at Wan 720p instead of 1.1x). Hopper only (sm_90a). Mosaic GPU's interpret
-mode (jax 0.11) does not run kernels of this shape, so CPU tests check `emulate_kernel` (the
-same tables and data path in jnp) and the lowering to CUDA; the compiled kernel is tested
-on an H100 against the float32 reference.
+Costs beyond the Triton kernel: the padded sorted copies of K and V (the whole call
+1.76x the dense call's memory at Wan 720p instead of 1.1x; 2.29x with the sorted Q copy
+and slot buffer of the first version, benchmarks/results/attention_h200.md). Hopper only
+(sm_90a). Mosaic GPU's interpret mode (jax 0.11) does not run kernels of this shape, so
+CPU tests check `emulate_kernel` (the same tables and data path in jnp) and the lowering to
+CUDA; the compiled kernel is tested on an H100 / H200 against the float32 reference.
 """
 
 import functools
@@ -60,7 +70,9 @@ _SMEM_BYTES = 232448 - 4096  # H100 per-block limit, less barriers and alignment
 BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
 TILE_Q = 2 * BLOCK_Q
 BLOCK_K = 128  # key slots per pipeline step
-HALF_K = BLOCK_K // 2  # centroids per "variance" compensation step
+HALF_K = BLOCK_K // 2  # centroids per "variance" compensation step; keys per pair-tile half
+# tile modes (sparse_layout_mgpu's tile_mode)
+MODE_NONE, MODE_HALF, MODE_FULL, MODE_PAIR = 0, 1, 2, 3
 _LOG2E = math.log2(math.e)
 
 
@@ -72,22 +84,26 @@ def on_hopper() -> bool:
   return any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
-def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_ref, q_ref,
-            k_ref, v_ref, out_ref, scoped, *, num_comp, comp_base, max_steps, mcs, scale,
-            dtype, chunk, variance):
-  """One CTA = one 128-row query tile (head g, tile t); warpgroups 0, 1 compute 64 rows
-  each, warpgroup 2 streams the key steps (exact chunk steps, then compensation steps)
-  through an `mcs`-deep shared-memory ring. Tables as in `sparse_layout_mgpu`."""
+def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_ref,
+            bias_ref, q_rows_ref, q_ref, k_ref, v_ref, out_ref, scoped, *, num_comp,
+            comp_base, max_steps, mcs, scale, dtype, chunk, variance):
+  """One CTA = one query tile (head g, tile t); warpgroups 0, 1 compute 64 rows each,
+  warpgroup 2 streams the key steps (exact chunk steps, then compensation steps) through
+  an `mcs`-deep shared-memory ring. In a pair tile the two warpgroups serve two query
+  clusters: each exact step's slot holds 64 keys of each one's chunk list (rows 0..63 for
+  warpgroup 0, 64..127 for 1). Tables as in `sparse_layout_mgpu`; q_ref and out_ref are
+  the caller's rows flattened to [N, D], addressed through q_rows_ref."""
   per_step = BLOCK_K // chunk
-  (qo_smem2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar), (k_used, v_used), sched = (
-      scoped)
+  half_step = per_step // 2  # chunks per warpgroup in a pair tile's exact step
+  ((qo_smem2, stage2, rows2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar, r_bar),
+   (k_used, v_used), sched) = scoped
   t = lax.axis_index("tile")
   g = lax.axis_index("head")
   wg = lax.axis_index("wg")
-  c = tile_c_ref[g, t]
-  live = c >= 0
-  c = jnp.maximum(c, 0)
-  n_exact = n_exact_ref[g, c]
+  mode = tile_mode_ref[g, t]
+  live = mode > 0
+  pair = mode == MODE_PAIR
+  n_exact = tile_exact_ref[g, t]
   n_steps = n_exact + num_comp
 
   def schedule_barrier():
@@ -97,28 +113,30 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    busy = wg < tile_wgs_ref[g, t]  # 0 for no tile; 1: rows 64.. are padding
+    busy = wg < jnp.where(mode == MODE_HALF, 1, 2)  # a half tile's rows 64.. are padding
 
     def wait_k(i):
       @pl.when(i < n_steps)
       def _():
         plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
 
-    def step(i, carry, comp, qo, q_sq=None):
+    def step(i, carry, comp, qo, q_sq=None, split=False):
       """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
       keeps every barrier operation of a computing warpgroup, in the same order, so that
       the producer's ring and the ping-pong rendezvous keep their counts. q_sq: (q*q in
-      q's dtype, ||q||) of the warpgroup's rows, for "variance" compensation steps."""
+      q's dtype, ||q||) of the warpgroup's rows, for "variance" compensation steps.
+      split: an exact step of a pair tile (this warpgroup's 64 keys of the slot)."""
       slot = lax.rem(i, jnp.int32(mcs))
-      width = HALF_K if comp and variance else BLOCK_K
-      keys = k_smem.at[slot] if width == BLOCK_K else k_smem.at[slot, pl.ds(0, width)]
-      values = v_smem.at[slot] if width == BLOCK_K else v_smem.at[slot, pl.ds(0, width)]
+      width = HALF_K if (comp and variance) or split else BLOCK_K
+      first = wg * HALF_K if split else 0
+      keys = k_smem.at[slot] if width == BLOCK_K else k_smem.at[slot, pl.ds(first, width)]
+      values = v_smem.at[slot] if width == BLOCK_K else v_smem.at[slot, pl.ds(first, width)]
       if qo is None:
         schedule_barrier()
       else:
         acc, m_i, l_i = carry
         acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
-        if width == BLOCK_K:
+        if not (comp and variance):
           def compute_qk(acc_ref):
             plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
             schedule_barrier()
@@ -139,14 +157,14 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
       if qo is not None:
         row_vec = plgpu.Layout.WGMMA.reduce(0)
         if comp and variance:
-          bias = plgpu.load(b_smem.at[slot, pl.ds(0, HALF_K)], layout=row_vec)
-          radius = plgpu.load(b_smem.at[slot, pl.ds(HALF_K, HALF_K)], layout=row_vec)
+          bias = plgpu.load(b_smem.at[slot, wg, pl.ds(0, HALF_K)], layout=row_vec)
+          radius = plgpu.load(b_smem.at[slot, wg, pl.ds(HALF_K, HALF_K)], layout=row_vec)
           bound = (lax.broadcast_in_dim(q_sq[1], qk.shape, [0])
                    * lax.broadcast_in_dim(radius, qk.shape, [1]))
           s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
                + jnp.minimum(second * scale, bound))
         elif comp:
-          bias = plgpu.load(b_smem.at[slot], layout=row_vec)
+          bias = plgpu.load(b_smem.at[slot, wg], layout=row_vec)
           s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
         else:  # NaN = a padding key row
           s = jnp.where(qk != qk, -jnp.inf, qk * scale)
@@ -175,8 +193,9 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
       plgpu.barrier_arrive(v_used.at[slot])
       return carry
 
-    def key_steps(carry, qo):
-      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False, qo=qo), carry)
+    def key_steps(carry, qo, split=False):
+      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False, qo=qo, split=split),
+                            carry)
       if num_comp:
         q_sq = None
         if variance and qo is not None:  # live only during the compensation steps
@@ -192,13 +211,26 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
       schedule_barrier()  # warpgroup 1's entry rendezvous, as below
       key_steps(0, None)
 
-    @pl.when(live & busy)
-    def _():
-      qo = qo_smem2.at[wg]
-      # row offsets are written as (x * chunk): Mosaic must prove TMA rows 8-aligned
-      q_row = tile_q0_ref[g, t] * chunk + wg * BLOCK_Q
-      plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
-      plgpu.barrier_wait(q_bar.at[wg])
+    def compute(split):
+      qo, stage, rows = qo_smem2.at[wg], stage2.at[wg], rows2.at[wg]
+      # the warpgroup's 64 caller rows (-1: padding) into shared memory; offsets written as
+      # (x * chunk): Mosaic must prove the TMA source 16-byte aligned
+      q_row = wg_q0_ref[g, t, wg] * chunk
+      plgpu.copy_gmem_to_smem(q_rows_ref.at[g, pl.ds(q_row, BLOCK_Q)], rows, r_bar.at[wg])
+      plgpu.barrier_wait(r_bar.at[wg])
+      if len(q_ref.shape) == 3:  # a cluster-sorted padded copy [G, QR, D]: one copy
+        plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+      else:
+        # the caller's rows in place. TMA cannot gather: one row copy each, into an
+        # unswizzled buffer (a 1-row box cannot land in the swizzled tiles wgmma reads),
+        # then through registers into `qo`. Padding rows load row 0: computed, not written.
+        for r in range(BLOCK_Q):
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(jnp.maximum(rows[r], 0), 1)],
+                                  stage.at[pl.ds(r, 1)], q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        qo[...] = plgpu.load(stage, layout=plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
       m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32),
@@ -207,25 +239,48 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
                               plgpu.Layout.WGMMA)
       wait_k(jnp.int32(0))
       pl.when(wg == 1)(schedule_barrier)
-      acc, _, l_i = key_steps((acc, m_i, l_i), qo)
+      acc, _, l_i = key_steps((acc, m_i, l_i), qo, split)
       pl.when(wg == 0)(schedule_barrier)
       l_i = jnp.where(l_i == 0, 1.0, l_i)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
-      qo[...] = acc.astype(dtype)
+      stage[...] = acc.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo, out_ref.at[g, pl.ds(t * TILE_Q + wg * BLOCK_Q, BLOCK_Q)])
+
+      # each real row straight to its place in the caller's layout (no slot buffer, no
+      # gather); the tile's rows past its cluster are the next cluster's queries
+      n_real = wg_n_ref[g, t, wg]
+
+      @pl.loop(0, BLOCK_Q)
+      def _(r):
+        row = rows[r]
+
+        @pl.when((r < n_real) & (row >= 0))
+        def _():
+          plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], out_ref.at[pl.ds(row, 1)])
+
       plgpu.wait_smem_to_gmem(0)
+
+    pl.when(live & busy & ~pair)(functools.partial(compute, False))
+    pl.when(live & busy & pair)(functools.partial(compute, True))
 
   @pl.when(wg == 2)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
+    c0 = jnp.maximum(wg_c_ref[g, t, 0], 0)
+    c1 = jnp.maximum(wg_c_ref[g, t, 1], 0)  # = c0 but in a pair tile
+
     def sources(i):
       exact = i < n_exact
-      row = jnp.minimum(i, max_steps - 1) * per_step
       comp_chunk = comp_base // chunk + (i - n_exact) * per_step
-      return exact, [jnp.where(exact, chunk_ref[g, c, row + j], comp_chunk + j) * chunk
-                     for j in range(per_step)]
+      rows = []
+      for j in range(per_step):
+        # pair tile: chunks [i * half_step, +half_step) of each list, c0's then c1's
+        pos = jnp.where(pair, jnp.minimum(i, 2 * max_steps - 1) * half_step + j % half_step,
+                        jnp.minimum(i, max_steps - 1) * per_step + j)
+        lst = c0 if j < half_step else jnp.where(pair, c1, c0)
+        rows.append(jnp.where(exact, chunk_ref[g, lst, pos], comp_chunk + j) * chunk)
+      return exact, rows
 
     def issue_k(i, slot, exact, rows):
       for j, r in enumerate(rows):
@@ -234,8 +289,10 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
       if num_comp:
         @pl.when(~exact)
         def _():
-          plgpu.copy_gmem_to_smem(bias_ref.at[g, c, pl.ds((i - n_exact) * BLOCK_K, BLOCK_K)],
-                                  b_smem.at[slot], b_bar.at[slot])
+          for w, cw in enumerate((c0, c1)):  # each warpgroup's bias row
+            plgpu.copy_gmem_to_smem(
+                bias_ref.at[g, cw, pl.ds((i - n_exact) * BLOCK_K, BLOCK_K)],
+                b_smem.at[slot, w], b_bar.at[slot])
 
     def issue_v(slot, rows):
       for j, r in enumerate(rows):
@@ -262,14 +319,16 @@ def _kernel(tile_c_ref, tile_q0_ref, tile_wgs_ref, n_exact_ref, chunk_ref, bias_
         issue_v(slot, rows)
 
 
-def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, chunk,
+def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
           variance=False):
-  """The kernel on prepared inputs (`prepare_mgpu`): slot-space output [G, T * 128, D]."""
+  """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
+  rows, as q_rows addresses them); rows of no query tile are left unwritten
+  (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy."""
   per_step = BLOCK_K // chunk
-  tile_c, tile_q0, tile_wgs, n_exact, chunks, bias = tables
-  g, num_tiles = tile_c.shape
-  d = q_sorted.shape[-1]
-  dtype = q_sorted.dtype
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
+  g, num_tiles = tile_mode.shape
+  d = q_in.shape[-1]
+  dtype = q_in.dtype
   max_steps = chunks.shape[-1] // per_step
 
   def entry(*refs):
@@ -277,14 +336,17 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
     swizzle = plgpu.SwizzleTransform(128)
     smem = (
         plgpu.SMEM((2, BLOCK_Q, d), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((2, BLOCK_Q, d), dtype),  # unswizzled staging of row copies
+        plgpu.SMEM((2, BLOCK_Q), jnp.int32),
         plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((mcs, BLOCK_K), jnp.float32),
+        plgpu.SMEM((mcs, 2, BLOCK_K), jnp.float32),  # a bias row per warpgroup
     )
     barriers = (
         plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
         plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
-        plgpu.Barrier(num_barriers=mcs),
+        plgpu.Barrier(num_arrivals=2, num_barriers=mcs),
+        plgpu.Barrier(num_arrivals=1 if q_in.ndim == 3 else BLOCK_Q, num_barriers=2),
         plgpu.Barrier(num_barriers=2),
     )
     used = (plgpu.Barrier(num_arrivals=2, num_barriers=mcs),) * 2
@@ -295,13 +357,13 @@ def _call(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, mcs, scale, ch
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((g, num_tiles * TILE_Q, d), dtype),
+      entry, out_type=jax.ShapeDtypeStruct((num_out, d), dtype),
       # the last grid axis varies fastest: the CTAs in flight share one head's keys and
       # values (~40 MB at Wan 720p, L2-resident); heads innermost thrashed L2 (101.7 ms
       # vs 80.0 ms on the kernel benchmark's problem)
       grid=(g, num_tiles), grid_names=("head", "tile"), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(tile_c, tile_q0, tile_wgs, n_exact, chunks, bias, q_sorted, k_pad, v_pad)
+  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows, q_in, k_pad, v_pad)
 
 
 def _key_chunks(seq_len, num_k_clusters, chunk):
@@ -310,8 +372,15 @@ def _key_chunks(seq_len, num_k_clusters, chunk):
 
 
 def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int = CHUNK,
-                       half_tiles: bool = True, chunk_impl: str = "jnp"):
+                       half_tiles: bool = True, pair_half_tiles: bool = True,
+                       chunk_impl: str = "jnp"):
   """Tables of the Mosaic GPU kernel (shapes static in S, Kq, Kk).
+
+  Query cluster i gets ceil(n_i / 128) tiles of 128 rows (two warpgroups of 64); its last
+  tile is a half tile when it has at most 64 real rows. Half tiles either leave their
+  second warpgroup idle or, paired, share a CTA with another cluster's half tile: the two
+  shortest chunk lists together, and so on, so that the pair's warpgroups (which step in
+  lockstep over the longer list) idle little.
 
   Args:
     q_sizes: [G, Kq] int, query cluster sizes (clusters are consecutive in sorted order).
@@ -319,16 +388,22 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
     block_map: [G, Kq, Kk] bool, True = key cluster j is exact for query cluster i.
     seq_len: S.
     chunk: key (and query) rows per chunk; clusters are padded to a multiple of it.
-    half_tiles: mark tiles with at most BLOCK_Q real rows (tile_wgs = 1).
+    half_tiles: run half tiles on one warpgroup (False: every tile computes 128 rows).
+    pair_half_tiles: with half_tiles, pair them (False: the second warpgroup idles).
     chunk_impl: how the chunk lists are built: "jnp" (`chunk_list_reference`), "pallas"
       (the `chunk_list` kernel; GPU) or "interpret" (the kernel in interpret mode).
 
   Returns:
-    dict with
-      tile_c [G, T] int32: query cluster of 128-row tile t (-1: no tile),
-      tile_q0 [G, T] int32: its first row in the padded queries, in units of chunk,
-      tile_wgs [G, T] int32: consumer warpgroups that compute (0: no tile; 1: the tile's
-        rows past BLOCK_Q are padding; else 2),
+    dict with, per tile t of T = ceil(S / 128) + Kq (full tiles of every cluster in cluster
+    order, then the pair tiles, then none):
+      tile_mode [G, T] int32: MODE_NONE, MODE_HALF (warpgroup 1 idles), MODE_FULL or
+        MODE_PAIR (the warpgroups serve two clusters, 64 keys each per exact step),
+      tile_exact [G, T] int32: the tile's exact key steps (128 slots each; a pair tile's
+        longer list, in steps of 64 keys per warpgroup),
+      wg_c [G, T, 2] int32: each warpgroup's query cluster (-1: none),
+      wg_q0 [G, T, 2] int32: its first row in the padded queries, in units of chunk,
+      wg_n [G, T, 2] int32: its real rows (the first wg_n of its 64; 0: it writes none),
+    and per cluster / padded row:
       query_rows [G, QR] int32: sorted query position of each padded query row (-1 =
         padding; query clusters are padded to a multiple of chunk rows too),
       n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
@@ -336,7 +411,6 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
         `chunk` rows) into the padded keys (`nan_chunk` past the list's end),
       key_rows [G, key_chunks * chunk] int32: sorted key position of each padded key row
         (-1 = padding),
-      q_slot [G, S] int32: output slot of each sorted query position (-1: no cluster),
     and nan_chunk (the all-NaN chunk after the keys; centroid rows follow it).
   """
   if chunk_impl not in ("jnp", "pallas", "interpret"):
@@ -346,36 +420,13 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   per_step = BLOCK_K // chunk
   q_sizes = q_sizes.astype(jnp.int32)
   k_sizes = k_sizes.astype(jnp.int32)
-  # query tiles: ceil(n_i / 128) per cluster, in cluster order
-  nq = common.cdiv(q_sizes, TILE_Q)
-  t_end = jnp.cumsum(nq, axis=-1)
-  t_start = t_end - nq
-  q_end = jnp.cumsum(q_sizes, axis=-1)
-  q_off = q_end - q_sizes
-  num_tiles = common.cdiv(s, TILE_Q) + kq  # sum of ceil(n_i / 128) <= S / 128 + Kq
-  tc = common.searchsorted_rows(t_end, jnp.arange(num_tiles))
-  tcs = jnp.minimum(tc, kq - 1)
-  query_rows, qch_start = _padded_rows(q_sizes, q_off, common.cdiv(s, chunk) + kq, chunk)
-  tile_q0 = (jnp.take_along_axis(qch_start, tcs, 1)
-             + (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * (TILE_Q // chunk))
-  tile_c = jnp.where(tc < kq, tc, -1)
-  tile_rows = (jnp.take_along_axis(q_sizes, tcs, 1)
-               - (jnp.arange(num_tiles) - jnp.take_along_axis(t_start, tcs, 1)) * TILE_Q)
-  tile_wgs = jnp.where(tc < kq, 2, 0)
-  if half_tiles:
-    tile_wgs = jnp.where((tc < kq) & (tile_rows <= BLOCK_Q), 1, tile_wgs)
-  pos = jnp.arange(s)
-  qc = common.searchsorted_rows(q_end, pos)
-  qcs = jnp.minimum(qc, kq - 1)
-  q_slot = (jnp.take_along_axis(t_start, qcs, 1) * TILE_Q + pos
-            - jnp.take_along_axis(q_off, qcs, 1))
-  q_slot = jnp.where(qc < kq, q_slot, -1)
+  query_rows, qch_start = _padded_rows(q_sizes, jnp.cumsum(q_sizes, axis=-1) - q_sizes,
+                                       common.cdiv(s, chunk) + kq, chunk)
 
   nch = common.cdiv(k_sizes, chunk)
   key_chunks = _key_chunks(s, kk, chunk)
   key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
                                      key_chunks, chunk)
-
   # chunk list of query cluster i: the chunk runs of its exact key clusters, in j order
   cnt = jnp.where(block_map, nch[:, None, :], 0)
   n_chunks = jnp.sum(cnt, axis=-1)
@@ -386,11 +437,61 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   else:
     chunks = chunk_list.chunk_list(cnt, pch_start, width=width, fill=nan_chunk,
                                    interpret=chunk_impl == "interpret")
-  return dict(tile_c=tile_c, tile_q0=tile_q0.astype(jnp.int32),
-              tile_wgs=tile_wgs.astype(jnp.int32), query_rows=query_rows,
-              n_exact=common.cdiv(n_chunks, per_step).astype(jnp.int32), chunks=chunks,
-              key_rows=key_rows.astype(jnp.int32), q_slot=q_slot.astype(jnp.int32),
-              nan_chunk=nan_chunk)
+  n_exact = common.cdiv(n_chunks, per_step).astype(jnp.int32)
+  tiles = _query_tiles(q_sizes, qch_start, n_exact, common.cdiv(n_chunks, per_step // 2),
+                       num_tiles=common.cdiv(s, TILE_Q) + kq, chunk=chunk,
+                       half_tiles=half_tiles, pair=half_tiles and pair_half_tiles)
+  return dict(tiles, query_rows=query_rows, n_exact=n_exact, chunks=chunks,
+              key_rows=key_rows.astype(jnp.int32), nan_chunk=nan_chunk)
+
+
+def _query_tiles(q_sizes, qch_start, n_exact, n_half, *, num_tiles, chunk, half_tiles, pair):
+  """The tile tables of `sparse_layout_mgpu` (n_half: each list's 64-key steps)."""
+  g, kq = q_sizes.shape
+  take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, kq - 1), 1)
+  per_tile = TILE_Q // chunk
+  nt = common.cdiv(q_sizes, TILE_Q)
+  last = q_sizes - (nt - 1) * TILE_Q  # real rows of a cluster's last tile
+  is_half = (q_sizes > 0) & (last <= BLOCK_Q) if half_tiles else jnp.zeros_like(q_sizes, bool)
+  n_pairs = jnp.zeros((g, 1), jnp.int32)
+  paired = jnp.zeros_like(is_half)
+  if pair:
+    # half tiles by list length; an odd one out (the longest) keeps its idle warpgroup
+    order = jnp.argsort(jnp.where(is_half, n_half, jnp.iinfo(jnp.int32).max), axis=1,
+                        stable=True).astype(jnp.int32)
+    n_pairs = jnp.sum(is_half, axis=1, keepdims=True, dtype=jnp.int32) // 2
+    rank = jnp.zeros_like(order).at[jnp.arange(g)[:, None], order].set(
+        jnp.broadcast_to(jnp.arange(kq, dtype=jnp.int32), (g, kq)))
+    paired = is_half & (rank < 2 * n_pairs)
+  m = nt - paired  # tiles of each cluster in the first part
+  t_end = jnp.cumsum(m, axis=-1)
+  t_start = t_end - m
+  t = jnp.arange(num_tiles, dtype=jnp.int32)
+  tc = common.searchsorted_rows(t_end, t)
+  full = tc < kq
+  u = t - take(t_start, tc)  # tile index within its cluster
+  rows = take(q_sizes, tc) - u * TILE_Q  # real rows from the tile's first on
+  q0 = take(qch_start, tc) + u * per_tile
+  mode = jnp.where(full, jnp.where(half_tiles & (rows <= BLOCK_Q), MODE_HALF, MODE_FULL),
+                   MODE_NONE)
+  wg_c = [jnp.where(full, tc, -1)] * 2
+  wg_q0 = [q0, q0 + BLOCK_Q // chunk]
+  wg_n = [jnp.where(full, jnp.clip(rows, 0, BLOCK_Q), 0),
+          jnp.where(full & (mode == MODE_FULL), jnp.clip(rows - BLOCK_Q, 0, BLOCK_Q), 0)]
+  exact = jnp.where(full, take(n_exact, tc), 0)
+  if pair:
+    p = t - t_end[:, -1:]
+    is_pair = ~full & (p < n_pairs)
+    ca, cb = take(order, 2 * p), take(order, 2 * p + 1)
+    half_q0 = lambda c: take(qch_start, c) + (take(nt, c) - 1) * per_tile
+    mode = jnp.where(is_pair, MODE_PAIR, mode)
+    wg_c = [jnp.where(is_pair, c, w) for c, w in zip((ca, cb), wg_c)]
+    wg_q0 = [jnp.where(is_pair, half_q0(c), w) for c, w in zip((ca, cb), wg_q0)]
+    wg_n = [jnp.where(is_pair, take(last, c), w) for c, w in zip((ca, cb), wg_n)]
+    exact = jnp.where(is_pair, jnp.maximum(take(n_half, ca), take(n_half, cb)), exact)
+  i32 = lambda a: a.astype(jnp.int32)
+  return dict(tile_mode=i32(mode), tile_exact=i32(exact), wg_c=i32(jnp.stack(wg_c, -1)),
+              wg_q0=i32(jnp.stack(wg_q0, -1)), wg_n=i32(jnp.stack(wg_n, -1)))
 
 
 def _padded_rows(sizes, offsets, num_chunks, chunk):
@@ -409,42 +510,53 @@ def _padded_rows(sizes, offsets, num_chunks, chunk):
   return rows.astype(jnp.int32), ch_start
 
 
-def _heads_first_rows(x, rows, index, heads):
-  """Rows `rows` [G, N] (-1: none) of sorted order gathered from x; [G, N, D] (none -> 0).
+def _flat_rows(rows, index, shape):
+  """Rows of x.reshape(-1, D) holding sorted positions `rows` [G, N] (-1: none -> -1).
 
-  x is [G, S, D] or tokens-first [B, S, H, D] (heads = H); index [G, S] maps sorted
-  positions to token rows (None: x is already sorted).
+  x has `shape`: [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h); index [G, S]
+  maps sorted positions to token rows (None: x is already sorted).
   """
   ok = rows >= 0
   rows = jnp.maximum(rows, 0)
   if index is not None:
-    rows = jnp.take_along_axis(index, rows, 1)
-  if heads is None:
-    out = jnp.take_along_axis(x, rows[..., None], 1)
+    rows = jnp.take_along_axis(index.astype(jnp.int32), rows, 1)
+  gi = jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None]
+  if len(shape) == 3:
+    flat = gi * shape[1] + rows
   else:
-    b, s, h, d = x.shape
-    gi = jnp.arange(b * h)[:, None]
+    _, s, h, _ = shape
     flat = ((gi // h) * s + rows) * h + gi % h
-    out = x.reshape(b * s * h, d)[flat]
-  return out, ok
+  return jnp.where(ok, flat, -1).astype(jnp.int32)
+
+
+def _heads_first_rows(x, rows, index):
+  """Rows `rows` [G, N] (-1: none) of sorted order gathered from x; ([G, N, D] with none
+  -> row 0's values, [G, N] bool real). x, index as in `_flat_rows`."""
+  flat = _flat_rows(rows, index, x.shape)
+  return x.reshape(-1, x.shape[-1])[jnp.maximum(flat, 0)], flat >= 0
 
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                  compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True,
+                 pair_half_tiles=True, sorted_queries=False,
                  chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None):
-  """Kernel inputs: (tables, padded queries [G,QR,D], keys, values [G,R,D], statics, layout).
+  """Kernel inputs: (tables, q rows [N, D], padded keys, values [G, R, D], statics, layout).
 
+  The queries are q itself flattened to rows (no copy): the last table, q_rows [G, QR],
+  holds the row of each padded sorted query row (-1: padding), which the kernel reads and
+  writes its output row to; with sorted_queries, a cluster-sorted padded copy [G, QR, D]
+  instead, read with one copy per warpgroup (written through q_rows all the same).
   sm_scale is needed (and used) by "variance" compensation only.
   """
   compensation = common.compensation_mode(compensation, k_variance, k_radius, k_centroids)
-  heads = q.shape[2] if q.ndim == 4 else None
   s = q.shape[1]
   g, kq, kk = block_map.shape
   lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk,
-                           half_tiles=half_tiles, chunk_impl=chunk_impl)
-  q_sorted, _ = _heads_first_rows(q, lay["query_rows"], q_index, heads)
-  kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, heads)
-  vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, heads)
+                           half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
+                           chunk_impl=chunk_impl)
+  q_rows = _flat_rows(lay["query_rows"], q_index, q.shape)
+  kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index)
+  vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index)
   d = kp.shape[-1]
   kp = jnp.where(ok[..., None], kp, jnp.nan)
   vp = jnp.where(ok[..., None], vp, 0)
@@ -473,10 +585,12 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
   k_pad = jnp.concatenate([kp, nan_rows, kc], 1)
   v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows), vc], 1)
-  tables = (lay["tile_c"], lay["tile_q0"], lay["tile_wgs"], lay["n_exact"], lay["chunks"],
-            bias)
+  tables = (lay["tile_mode"], lay["tile_exact"], lay["wg_c"], lay["wg_q0"], lay["wg_n"],
+            lay["chunks"], bias, q_rows)
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
-  return tables, q_sorted, k_pad, v_pad, statics, lay
+  q_in = (_heads_first_rows(q, lay["query_rows"], q_index)[0] if sorted_queries
+          else q.reshape(-1, q.shape[-1]))
+  return tables, q_in, k_pad, v_pad, statics, lay
 
 
 def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
@@ -491,61 +605,67 @@ def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
               comp_base=comp_base, chunk=chunk, variance=compensation == "variance")
 
 
-def _finish(out_slots, lay, q, q_index):
-  """Slot-space output [G, T*128, D] -> q's layout and order (no cluster -> 0)."""
-  heads = q.shape[2] if q.ndim == 4 else None
-  g, s = lay["q_slot"].shape
-  slots = lay["q_slot"]
-  if q_index is not None:  # token row q_index[p] takes sorted position p's slot
-    inv = jnp.zeros((g, s), jnp.int32).at[jnp.arange(g)[:, None], q_index].set(
-        jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s)))
-    slots = jnp.take_along_axis(slots, inv, 1)
-  ok = slots >= 0
-  rows = jnp.maximum(slots, 0) + jnp.arange(g)[:, None] * out_slots.shape[1]
-  if heads is not None:  # gather straight into [B, S, H, D]: no transposed copy
-    to_tokens_first = lambda x: x.reshape(g // heads, heads, s).transpose(0, 2, 1)
-    rows, ok = to_tokens_first(rows), to_tokens_first(ok)
-  out = out_slots.reshape(-1, out_slots.shape[-1])[rows]
-  return jnp.where(ok[..., None], out, 0).astype(q.dtype)
+def _clear_uncovered(out, q_sizes, q_index, shape):
+  """Zeroes the rows of out [N, D] (q's rows) whose sorted position is in no query cluster:
+  no tile writes them. A scatter of the few such rows (usually none), in place."""
+  g, s = q_sizes.shape[0], shape[1]
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s))
+  covered = pos < jnp.sum(q_sizes.astype(jnp.int32), axis=1, keepdims=True)
+  rows = _flat_rows(jnp.where(covered, -1, pos), q_index, shape)
+  rows = jnp.where(rows >= 0, rows, out.shape[0])  # out of bounds: dropped
+  return out.at[rows.reshape(-1)].set(0, mode="drop")
 
 
-def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale, chunk,
+def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, chunk,
                    variance=False):
-  """What the kernel computes, tile by tile, in float32 jnp (the CPU check of the tables).
+  """What the kernel computes, warpgroup by warpgroup, in float32 jnp (the CPU check of the
+  tables).
 
-  Returns the slot-space output [G, T * 128, D]. Follows the kernel's data path: padded
-  key rows are NaN and masked, compensation steps add the bias row, the rows of an idle
-  warpgroup are left 0 (the kernel leaves them unwritten). Small sizes only.
+  Returns the output rows [N, D] like q_flat. Follows the kernel's data path: a
+  warpgroup's 64 query rows read through q_rows (padding and rows past the table read row
+  0), the chunks of its cluster's list that its tile's exact steps visit (a pair tile's
+  64-key steps visit half as many per step), padded key rows NaN and masked, compensation
+  steps with its cluster's bias row; it writes its first wg_n rows to their q_rows, and
+  every other row is left NaN (the kernel leaves it unwritten). Small sizes only.
   """
-  tile_c, tile_q0, tile_wgs, n_exact, chunks, bias = tables
-  g, nt = tile_c.shape
-  d = q_sorted.shape[-1]
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
+  g, nt = tile_mode.shape
+  qr = q_rows.shape[1]
+  d = q_flat.shape[-1]
+  per_step = BLOCK_K // chunk
   f32 = lambda x: x.astype(jnp.float32)
   hi = lax.Precision.HIGHEST
 
-  def tile(gi, t):
-    c = jnp.maximum(tile_c[gi, t], 0)
-    rows = tile_q0[gi, t] * chunk + jnp.arange(TILE_Q)
-    qt = jnp.where((rows < q_sorted.shape[1])[:, None],
-                   f32(q_sorted[gi, jnp.minimum(rows, q_sorted.shape[1] - 1)]), 0.)
+  def group_rows(gi, t, w):  # the caller's row of each of the 64 rows; -1: not written
+    rows = wg_q0[gi, t, w] * chunk + jnp.arange(BLOCK_Q)
+    flat = jnp.where(rows < qr, q_rows[gi, jnp.minimum(rows, qr - 1)], 0)
+    mode = tile_mode[gi, t]
+    computes = (mode == MODE_FULL) | (mode == MODE_PAIR) | ((mode == MODE_HALF) & (w == 0))
+    written = computes & (jnp.arange(BLOCK_Q) < wg_n[gi, t, w])
+    return jnp.where(written, flat, -1), flat
+
+  def group(gi, t, w):
+    c = jnp.maximum(wg_c[gi, t, w], 0)
+    qt = f32(q_flat[jnp.maximum(group_rows(gi, t, w)[1], 0)])
+    per = jnp.where(tile_mode[gi, t] == MODE_PAIR, per_step // 2, per_step)
     slot = jnp.arange(chunks.shape[-1] * chunk)
-    step = slot // BLOCK_K
     krow = chunks[gi, c, slot // chunk] * chunk + slot % chunk
     s = jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
-    s = jnp.where(jnp.isnan(s) | (step >= n_exact[gi, c])[None, :], -jnp.inf, s)
+    visited = slot // chunk < tile_exact[gi, t] * per
+    s = jnp.where(jnp.isnan(s) | ~visited[None, :], -jnp.inf, s)
     vals = f32(v_pad[gi, krow])
     if num_comp:
       crow = comp_base + jnp.arange(num_comp * BLOCK_K)
       kc, vc, b = f32(k_pad[gi, crow]), f32(v_pad[gi, crow]), bias[gi, c]
       if variance:  # steps of [64 centroids ; their 64 pseudo-keys]
         split = lambda x: x.reshape(num_comp, 2, HALF_K, *x.shape[1:])
-        (kc, w), (vc, _), (b, rr) = (
+        (kc, w_), (vc, _), (b, rr) = (
             (split(x)[:, 0].reshape(-1, *x.shape[1:]), split(x)[:, 1].reshape(-1, *x.shape[1:]))
             for x in (kc, vc, b))
       sc = jnp.einsum("qd,kd->qk", qt, kc, precision=hi) * scale + b[None, :]
       if variance:
-        q_sq = f32((qt * qt).astype(q_sorted.dtype))
-        second = jnp.einsum("qd,kd->qk", q_sq, w, precision=hi) * scale
+        q_sq = f32((qt * qt).astype(q_flat.dtype))
+        second = jnp.einsum("qd,kd->qk", q_sq, w_, precision=hi) * scale
         bound = jnp.sqrt(jnp.sum(qt * qt, 1))[:, None] * rr[None, :]
         sc = sc + jnp.minimum(second, bound)
       s = jnp.concatenate([s, sc], 1)
@@ -553,22 +673,26 @@ def emulate_kernel(tables, q_sorted, k_pad, v_pad, *, num_comp, comp_base, scale
     m = jnp.max(s, axis=1, keepdims=True)
     p = jnp.exp2(s - jnp.where(m == -jnp.inf, 0., m))
     l = p.sum(axis=1, keepdims=True)
-    o = jnp.einsum("qk,kd->qd", p, vals, precision=hi) / jnp.where(l == 0, 1., l)
-    computed = jnp.arange(TILE_Q) // BLOCK_Q < tile_wgs[gi, t]
-    return jnp.where((tile_c[gi, t] >= 0) & computed[:, None], o, 0.)
+    return jnp.einsum("qk,kd->qd", p, vals, precision=hi) / jnp.where(l == 0, 1., l)
 
-  out = jax.vmap(lambda gi: jax.vmap(lambda t: tile(gi, t))(jnp.arange(nt)))(jnp.arange(g))
-  return out.reshape(g, nt * TILE_Q, d)
+  over = lambda f: jax.vmap(lambda gi: jax.vmap(lambda t: jax.vmap(lambda w: f(gi, t, w))(
+      jnp.arange(2)))(jnp.arange(nt)))(jnp.arange(g))
+  out = over(group).reshape(-1, d)
+  dest = over(lambda gi, t, w: group_rows(gi, t, w)[0]).reshape(-1)
+  dest = jnp.where(dest >= 0, dest, q_flat.shape[0])
+  return jnp.full(q_flat.shape, jnp.nan, jnp.float32).at[dest].set(out, mode="drop")
 
 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
+    "pair_half_tiles", "sorted_queries",
     "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation, sm_scale: float, q_index=None, kv_index=None,
                           k_variance=None, k_radius=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
-                          half_tiles: bool = True, emulate: bool = False):
+                          half_tiles: bool = True, pair_half_tiles: bool = True,
+                          sorted_queries: bool = False, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -579,8 +703,12 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     max_concurrent_steps: key steps in flight (shared-memory ring depth, >= 2).
     chunk_rows: rows per TMA copy of keys/values (8, 16, 32 or 64); every query and key
       cluster is padded to a multiple of it.
-    half_tiles: let the second warpgroup of a tile idle when its 64 rows are padding
-      (False: every tile computes 128 rows; for comparisons).
+    half_tiles: run a tile whose last 64 rows are padding (a half tile) on one
+      warpgroup (False: every tile computes 128 rows; for comparisons).
+    pair_half_tiles: with half_tiles, pair the half tiles of two query clusters in one
+      CTA, one per warpgroup (False: the second warpgroup of a half tile idles).
+    sorted_queries: read the queries from a cluster-sorted padded copy (one TMA copy per
+      warpgroup, +1 copy of q in memory) instead of row by row in place; for comparisons.
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -598,20 +726,23 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     raise ValueError("max_concurrent_steps must be >= 2")
   if chunk_rows not in (8, 16, 32, 64):
     raise ValueError(f"chunk_rows must be 8, 16, 32 or 64, got {chunk_rows}")
-  smem = ((2 * BLOCK_Q + 2 * max_concurrent_steps * BLOCK_K) * d * q.dtype.itemsize
-          + max_concurrent_steps * BLOCK_K * 4)
+  smem = ((4 * BLOCK_Q + 2 * max_concurrent_steps * BLOCK_K) * d * q.dtype.itemsize
+          + max_concurrent_steps * 2 * BLOCK_K * 4 + 2 * BLOCK_Q * 4)
   if not emulate and smem > _SMEM_BYTES:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} with head_dim {d} needs "
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
-  tables, q_sorted, k_pad, v_pad, statics, lay = prepare_mgpu(
+  tables, q_in, k_pad, v_pad, statics, _ = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
       compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
-      half_tiles=half_tiles, chunk_impl="jnp" if emulate else "pallas", k_variance=k_variance,
+      half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
+      sorted_queries=sorted_queries and not emulate,
+      chunk_impl="jnp" if emulate else "pallas", k_variance=k_variance,
       k_radius=k_radius, sm_scale=sm_scale)
   scale = sm_scale * _LOG2E
   if emulate:
-    out = emulate_kernel(tables, q_sorted, k_pad, v_pad, scale=scale, **statics)
+    out = emulate_kernel(tables, q_in, k_pad, v_pad, scale=scale, **statics)
   else:
-    out = _call(tables, q_sorted, k_pad, v_pad, mcs=max_concurrent_steps, scale=scale,
-                **statics)
-  return _finish(out, lay, q, q_index)
+    out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
+                scale=scale, **statics)
+  out = _clear_uncovered(out, q_sizes, q_index, q.shape)
+  return out.reshape(q.shape).astype(q.dtype)

@@ -117,17 +117,30 @@ def _masked_dense(qg, kg, vg, key_mask, impl):
   return sparse_attention.sparse_attention_xla(*args, scale=d ** -0.5, compensation=False)
 
 
+def _stage_inputs(q, k, v, impl, n_video):
+  """(q, k, v, num_rows) as `pipeline.cluster` / `route` read them: the tokens-first arrays
+  themselves for "pallas" (its kernels read heads in place, the first n_video rows only),
+  head-major copies of the video rows otherwise."""
+  if impl == "pallas":
+    return q, k, v, n_video
+  return (*(_heads_first(x)[:, :n_video] for x in (q, k, v)), None)
+
+
 def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask, groups) -> SvgEarState:
   """The k-means stage alone (routing "dense" with `dense_kmeans`): the next centroids."""
   b, s, h, d = q.shape
   n_video = s - num_dense_tokens
-  qg, kg = _heads_first(q)[:, :n_video], _heads_first(k)[:, :n_video]
+  if impl == "pallas":
+    qg, kg, rows = q, k, n_video
+  else:
+    qg, kg, rows = _heads_first(q)[:, :n_video], _heads_first(k)[:, :n_video], None
   warm = {}
   if state is not None:
     warm = dict(q_init=state.q_centroids.reshape(b * h, cfg.num_q_clusters, d),
                 k_init=state.k_centroids.reshape(b * h, cfg.num_k_clusters, d))
   k_mask = None if g_mask is None else g_mask[:, :n_video]
-  q_c, k_c = pipeline.centroids(qg, kg, cfg, impl, k_mask=k_mask, groups=groups, **warm)
+  q_c, k_c = pipeline.centroids(qg, kg, cfg, impl, k_mask=k_mask, groups=groups,
+                                num_rows=rows, **warm)
   return SvgEarState(q_centroids=q_c.reshape(b, h, cfg.num_q_clusters, d),
                      k_centroids=k_c.reshape(b, h, cfg.num_k_clusters, d))
 
@@ -184,18 +197,17 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
 
   if impl == "reference":
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  qg, kg, vg = _heads_first(q), _heads_first(k), _heads_first(v)
   kq_n, kk_n = cfg.num_q_clusters, cfg.num_k_clusters
   n_video = s - num_dense_tokens
   warm = {}
   if state is not None:
     warm = dict(q_init=state.q_centroids.reshape(b * h, kq_n, d),
                 k_init=state.k_centroids.reshape(b * h, kk_n, d))
-  video = lambda x: x[:, :n_video]
-  video_mask = None if g_mask is None else video(g_mask)
-  clusters = pipeline.cluster(video(qg), video(kg), video(vg), cfg, impl, k_mask=video_mask,
-                              groups=groups, **warm)
-  block_map = pipeline.route(video(qg), video(kg), video(vg), clusters, cfg, impl)
+  video_mask = None if g_mask is None else g_mask[:, :n_video]
+  *qkv, rows = _stage_inputs(q, k, v, impl, n_video)
+  clusters = pipeline.cluster(*qkv, cfg, impl, k_mask=video_mask, groups=groups,
+                              num_rows=rows, **warm)
+  block_map = pipeline.route(*qkv, clusters, cfg, impl, num_rows=rows)
   attn_clusters, attn_map = clusters, block_map
   if num_dense_tokens or key_mask is not None:
     attn_clusters, attn_map = pipeline.append_dense_tokens(

@@ -1,6 +1,7 @@
 """Cluster-contiguous token order: permutation, sizes, offsets and the inverse (ALGORITHM 2(b))."""
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,33 @@ class ClusterLayout:
   offsets: jax.Array
 
 
-def cluster_layout(labels: jax.Array, sizes: jax.Array) -> ClusterLayout:
+def cluster_layout(labels: jax.Array, sizes: jax.Array,
+                   perm: Optional[jax.Array] = None) -> ClusterLayout:
   """Layout of labels [G, S] with cluster sizes [G, K]: cluster c occupies
-  [offsets[c], offsets[c] + sizes[c]) of the permuted order."""
-  perm = jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+  [offsets[c], offsets[c] + sizes[c]) of the permuted order.
+
+  perm: the stable argsort of these labels when already known (e.g. `KMeansResult.perm`
+  of the sort-based k-means update), so that it is not sorted again.
+  """
+  if perm is None:
+    perm = jnp.argsort(labels, axis=-1, stable=True)
+  perm = perm.astype(jnp.int32)
   sizes = sizes.astype(jnp.int32)
   return ClusterLayout(perm=perm, sizes=sizes, offsets=jnp.cumsum(sizes, axis=-1) - sizes)
+
+
+def sort_by_label(labels: jax.Array, num_clusters: int) -> ClusterLayout:
+  """Layout of labels [G, S] in [0, K] (label K: in no cluster, sorted last), its sizes
+  [G, K] counted from the sorted labels by binary search rather than a scatter-add (whose
+  atomics contend on a GPU). The permutation is `cluster_layout`'s (stable argsort)."""
+  perm = jnp.argsort(labels, axis=-1, stable=True).astype(jnp.int32)
+  sorted_labels = jnp.take_along_axis(labels.astype(jnp.int32), perm, axis=-1)
+  ids = jnp.arange(num_clusters, dtype=jnp.int32)
+  ends = jax.vmap(lambda row: jnp.searchsorted(row, ids, side="right",
+                                               method="scan_unrolled"))(sorted_labels)
+  ends = ends.astype(jnp.int32)
+  offsets = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=-1)
+  return ClusterLayout(perm=perm, sizes=ends - offsets, offsets=offsets)
 
 
 def permute(x: jax.Array, perm: jax.Array) -> jax.Array:

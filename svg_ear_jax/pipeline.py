@@ -1,9 +1,14 @@
-"""The stages of one SVG-EAR call on head-major arrays [G, S, D] (G = B * H).
+"""The stages of one SVG-EAR call, per head g = b * H + h.
 
 cluster -> route -> attend, each a pure function of arrays and the static config, so that
 benchmarks can time them one by one and a sharded caller can run them per head group.
 `impl` picks the backend of the heavy parts: "xla" (any device), "reference" (float32
-oracle) or "pallas" (GPU kernels; run in interpret mode off GPU, for tests).
+oracle) or "pallas" (GPU kernels; run in interpret mode off GPU, for tests). `cluster` and
+`route` take head-major [G, S, D] or tokens-first [B, S, H, D] arrays and a static
+`num_rows` (cluster and route the first num_rows tokens only, e.g. HunyuanVideo's video
+tokens): the Pallas kernels read tokens-first arrays in place (strided per head, no
+transposed or sliced copies), the other implementations make a head-major copy. `attend`
+takes tokens-first arrays.
 """
 
 import dataclasses
@@ -16,6 +21,14 @@ import jax.numpy as jnp
 from svg_ear_jax import error_probe, kmeans, permutation, reference, routing, sparse_attention
 from svg_ear_jax import compensation as comp
 from svg_ear_jax.config import SvgEarConfig
+
+# The k-means centroid update of the "pallas" implementation (the others use "segment_sum"):
+# "sorted" walks the cluster-sorted order with a Pallas kernel (no atomics) and hands that
+# order on to the later stages; "segment_sum" is the XLA scatter-add (on head-major copies).
+# Read when a call is traced; `cluster(..., kmeans_update=...)` overrides it. "segment_sum"
+# stays the default until "sorted" is timed on a GPU (`python -m benchmarks.breakdown
+# --kmeans-update sorted segment_sum`; tested on CPU only so far).
+KMEANS_UPDATE = "segment_sum"
 
 
 @jax.tree_util.register_dataclass
@@ -93,55 +106,105 @@ def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
                            **_attention_blocks())
 
 
-def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups):
+def _kmeans_update(impl: str, kmeans_update: Optional[str]) -> str:
+  if kmeans_update is not None and kmeans_update not in kmeans.UPDATES:
+    raise ValueError(f"kmeans_update must be one of {kmeans.UPDATES}, got {kmeans_update!r}")
+  if impl != "pallas":
+    return "segment_sum"
+  return KMEANS_UPDATE if kmeans_update is None else kmeans_update
+
+
+def _rows(x: jax.Array, num_rows: Optional[int]) -> int:
+  return kmeans.points_shape(x, num_rows)[1]
+
+
+def _head_major(impl, num_rows, *xs):
+  """xs as the stage's implementation reads them: unchanged (with num_rows) for "pallas",
+  else head-major copies of their first num_rows rows (and num_rows None)."""
+  if impl == "pallas":
+    return xs, num_rows
+  return tuple(kmeans.heads_first(x, num_rows) for x in xs), None
+
+
+def _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups, num_rows, kmeans_update):
   if (q_init is None) != (k_init is None):
     raise ValueError("give both warm-start centroids or neither")
+  if q.shape != k.shape:
+    raise ValueError(f"q and k must have one shape, got {q.shape} and {k.shape}")
+  n = _rows(q, num_rows)
   if q_init is None:
     key = jax.random.PRNGKey(cfg.seed)
     q_init = kmeans.init_centroids(q, cfg.num_q_clusters, jax.random.fold_in(key, 0),
-                                   groups=groups)
+                                   groups=groups, num_points=n)
     k_init = kmeans.init_centroids(k, cfg.num_k_clusters, jax.random.fold_in(key, 1), k_mask,
-                                   groups=groups)
+                                   groups=groups, num_points=n)
     iters = cfg.kmeans_iters
   else:
     iters = cfg.kmeans_iters_warm
-  assign_fn = None
+  km = dict(max_iters=iters, tol=cfg.kmeans_tol, chunk_mb=cfg.xla_chunk_mb, num_points=n,
+            update=_kmeans_update(impl, kmeans_update))
   if impl == "pallas":
-    assign_fn = lambda x, c: _pallas().kmeans_assign(x, c, interpret=_interpret())
-  km = dict(max_iters=iters, tol=cfg.kmeans_tol, assign_fn=assign_fn, chunk_mb=cfg.xla_chunk_mb)
+    pk, interpret = _pallas(), _interpret()
+    km.update(assign_fn=lambda x, c: pk.kmeans_assign(x, c, num_rows=n, interpret=interpret),
+              mean_fn=lambda x, sizes, perm: pk.cluster_means(x, sizes, perm, num_rows=n,
+                                                              interpret=interpret))
   return kmeans.kmeans(q, q_init, **km), kmeans.kmeans(k, k_init, point_mask=k_mask, **km)
 
 
 def centroids(q: jax.Array, k: jax.Array, cfg: SvgEarConfig, impl: str,
               q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
-              k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None
+              k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None,
+              num_rows: Optional[int] = None, kmeans_update: Optional[str] = None
               ) -> Tuple[jax.Array, jax.Array]:
   """The k-means stage of `cluster` alone: ([G, Kq, D], [G, Kk, D]) centroids of q and k
-  ([G, S, D]), cold when no init is given (`groups` as in `cluster`)."""
-  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups)
+  ([G, S, D] or [B, S, H, D]), cold when no init is given (the other arguments as in
+  `cluster`)."""
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups, num_rows,
+                              kmeans_update)
   return q_res.centroids, k_res.centroids
+
+
+def layout(res: kmeans.KMeansResult) -> permutation.ClusterLayout:
+  """The cluster-sorted layout of a clustering, reusing the order the "sorted" k-means
+  update left in `res.perm` (sorted anew when it is None)."""
+  return permutation.cluster_layout(res.labels, res.sizes, perm=res.perm)
 
 
 def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: str,
             q_init: Optional[jax.Array] = None, k_init: Optional[jax.Array] = None,
-            k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None
+            k_mask: Optional[jax.Array] = None, groups: Optional[jax.Array] = None,
+            num_rows: Optional[int] = None, kmeans_update: Optional[str] = None
             ) -> Clusters:
   """k-means of q and of k (cold when no init is given), plus value centroids.
 
   Args:
-    q, k, v: [G, S, D].
+    q, k, v: [G, S, D], or tokens-first [B, S, H, D] (G = B * H, head g = b * H + h).
     cfg: static configuration.
-    impl: "xla", "reference" or "pallas" (the assignment kernel).
+    impl: "xla", "reference" or "pallas" (the assignment, update and moment kernels).
     q_init, k_init: [G, Kq, D] / [G, Kk, D] warm-start centroids, or None for a cold start.
-    k_mask: optional [G, S] bool valid keys; invalid keys get label Kk (in no cluster).
+    k_mask: optional [G, N] bool valid keys; invalid keys get label Kk (in no cluster).
     groups: optional [G] int global index of each head, seeding its cold-start draw
       (`kmeans.init_centroids`; default arange(G)); unused on a warm start.
+    num_rows: static N; cluster only the first N tokens of every head (default all S).
+    kmeans_update: "sorted" or "segment_sum", the "pallas" k-means centroid update
+      (default the module's KMEANS_UPDATE; the other implementations use "segment_sum").
+
+  Returns:
+    Clusters of the N tokens (labels [G, N]); with the "sorted" update the k-means
+    results carry their cluster-sorted order (`perm`), which `route` reuses.
   """
-  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups)
-  # k_res.sizes already counts k_res.labels: only the value sums are new (one scatter less)
+  (q, k, v), num_rows = _head_major(impl, num_rows, q, k, v)
+  n = _rows(q, num_rows)
+  q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups, num_rows,
+                              kmeans_update)
+  pallas_sorted = impl == "pallas" and k_res.perm is not None
   if cfg.compensation != "variance":
-    v_centroids, _ = kmeans.cluster_means(v, k_res.labels, cfg.num_k_clusters,
-                                          counts=k_res.sizes)
+    if pallas_sorted:  # the value means by a walk of the key clusters' sorted order
+      v_centroids = _pallas().cluster_means(v, k_res.sizes, k_res.perm, num_rows=n,
+                                            interpret=_interpret())
+    else:  # k_res.sizes already counts k_res.labels: only the value sums are new
+      v_centroids, _ = kmeans.cluster_means(kmeans.heads_first(v, n), k_res.labels,
+                                            cfg.num_k_clusters, counts=k_res.sizes)
     return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
   # "variance": the keys' spread with the value means, and the query clusters' mean of
   # q*q for the probe (benchmarks/results/quality_*_720p.md: it ranks 1-7% better than
@@ -149,13 +212,12 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   if impl == "pallas":
     # walks the cluster-sorted order (the layouts `route` and `attend` use too): no
     # atomics, where XLA's scatter-adds contend on a few hundred clusters
-    k_lay = permutation.cluster_layout(k_res.labels, k_res.sizes)
-    q_lay = permutation.cluster_layout(q_res.labels, q_res.sizes)
+    k_lay, q_lay = layout(k_res), layout(q_res)
     variance, radius, v_centroids = _pallas().cluster_moments(
-        k, k_lay.sizes, k_lay.perm, centroids=k_res.centroids, values=v,
+        k, k_lay.sizes, k_lay.perm, centroids=k_res.centroids, values=v, num_rows=n,
         interpret=_interpret())
     spread = comp.KeySpread(variance=variance, radius=radius)
-    q_sq_means, _, _ = _pallas().cluster_moments(q, q_lay.sizes, q_lay.perm,
+    q_sq_means, _, _ = _pallas().cluster_moments(q, q_lay.sizes, q_lay.perm, num_rows=n,
                                                  interpret=_interpret())
   else:
     spread, v_centroids = comp.key_spread(k, k_res.labels, k_res.centroids, k_res.sizes,
@@ -168,9 +230,11 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
 
 
 def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: SvgEarConfig,
-          impl: str) -> jax.Array:
-  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`; q, k, v [G, S, D].
+          impl: str, num_rows: Optional[int] = None) -> jax.Array:
+  """Block map [G, Kq, Kk] bool (True = exact) for `cfg.routing`.
 
+  q, k, v: [G, S, D] or tokens-first [B, S, H, D], with `clusters` of their first
+  num_rows (static, default all S) tokens, as `cluster` returned them.
   With "variance" compensation the EAR probe's pseudo-token logit carries the correction
   evaluated with the query cluster's mean of q*q (`clusters.q_sq_means`; with None there,
   with the centroid's qbar*qbar).
@@ -189,14 +253,16 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
       pseudo = logits + comp.logit_correction(clusters.q.centroids, clusters.k_spread, scale,
                                               q_sq=clusters.q_sq_means)
     if impl == "pallas":
-      # keys are read through the key clustering's permutation: no sorted copies of k, v
-      lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+      # keys are read in place through the key clustering's permutation: no sorted,
+      # transposed or sliced copies of k, v
+      lay = layout(clusters.k)
       log_err = _pallas().ear_error_probe(
           clusters.q.centroids, k, v, clusters.k.centroids, clusters.v_centroids,
           clusters.k.sizes, sm_scale=scale, kv_index=lay.perm, pseudo_logits=pseudo,
-          interpret=_interpret(),
+          num_rows=_rows(k, num_rows), interpret=_interpret(),
           **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
+      (k, v), _ = _head_major(impl, num_rows, k, v)
       log_err = error_probe.error_probe_xla(
           clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,
           clusters.v_centroids, pseudo, scale=scale, chunk_mb=cfg.xla_chunk_mb)
@@ -219,8 +285,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
   scale = d ** -0.5
   spread = clusters.k_spread
   if impl == "pallas":
-    q_lay = permutation.cluster_layout(clusters.q.labels, clusters.q.sizes)
-    k_lay = permutation.cluster_layout(clusters.k.labels, clusters.k.sizes)
+    q_lay, k_lay = layout(clusters.q), layout(clusters.k)
     extra = {} if spread is None else dict(k_variance=spread.variance, k_radius=spread.radius)
     out = attention_kernel(cfg, q)(
         q, k, v, q_lay.sizes, k_lay.sizes, block_map, clusters.k.centroids,
@@ -238,6 +303,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_m
                                                 compensation=cfg.compensation, k_spread=spread,
                                                 chunk_mb=cfg.xla_chunk_mb)
   return out.reshape(b, h, s, d).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _appended_perm(perm: Optional[jax.Array], num_valid: jax.Array,
+                   dense_valid: jax.Array) -> Optional[jax.Array]:
+  """The stable argsort of `append_dense_tokens`' labels from the video tokens' one, with
+  no sort of S rows: the clustered video tokens (perm's first num_valid [G] rows), the
+  valid dense tokens (label K), then label K + 1: the invalid video tokens (perm's tail,
+  in token order) and the invalid dense ones. None when perm is None."""
+  if perm is None:
+    return None
+  n = perm.shape[1]
+  t = dense_valid.shape[1]
+  dense = n + jnp.argsort(~dense_valid, axis=-1, stable=True).astype(jnp.int32)  # [G, T]
+  n_dense = jnp.sum(dense_valid, axis=1, keepdims=True, dtype=jnp.int32)
+  nv = num_valid.astype(jnp.int32)[:, None]
+  p = jnp.arange(n + t, dtype=jnp.int32)[None, :]
+  take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, a.shape[1] - 1), axis=1)
+  return jnp.where(p < nv, take(perm, p),
+                   jnp.where(p < nv + n_dense, take(dense, p - nv),
+                             jnp.where(p < n + n_dense, take(perm, p - n_dense),
+                                       take(dense, p - n))))
 
 
 def append_dense_tokens(clusters: Clusters, block_map: jax.Array, num_dense: int,
@@ -274,9 +360,15 @@ def append_dense_tokens(clusters: Clusters, block_map: jax.Array, num_dense: int
   if spread is not None:  # the dense key cluster is exact for everyone: never a pseudo-token
     spread = comp.KeySpread(variance=pad_row(spread.variance), radius=pad_row(spread.radius))
   q_sq = None if clusters.q_sq_means is None else pad_row(clusters.q_sq_means)
+  # the sorted orders of the new labels follow from the video ones (`layout` reuses them)
+  q_perm = _appended_perm(q.perm, jnp.full((g,), q.labels.shape[1], jnp.int32),
+                          jnp.ones((g, num_dense), bool))
+  k_perm = _appended_perm(k.perm, jnp.sum(k.sizes, axis=1), dense_key_mask)
   ext = Clusters(
-      q=dataclasses.replace(q, labels=q_labels, sizes=q_sizes, centroids=pad_row(q.centroids)),
-      k=dataclasses.replace(k, labels=k_labels, sizes=k_sizes, centroids=pad_row(k.centroids)),
+      q=dataclasses.replace(q, labels=q_labels, sizes=q_sizes, centroids=pad_row(q.centroids),
+                            perm=q_perm),
+      k=dataclasses.replace(k, labels=k_labels, sizes=k_sizes, centroids=pad_row(k.centroids),
+                            perm=k_perm),
       v_centroids=pad_row(clusters.v_centroids), k_spread=spread, q_sq_means=q_sq)
   ext_map = jnp.pad(block_map, ((0, 0), (0, 1), (0, 1)), constant_values=True)
   return ext, ext_map

@@ -24,3 +24,25 @@ def _release_compiled_programs():
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--part", default=None, metavar="I/N",
+      help="run only part I of N of the collected tests (round robin over collection order, "
+           "so each part gets its share of every file): splits the compiled GPU suite into "
+           "runs that each fit one device call")
+
+
+def pytest_collection_modifyitems(config, items):
+  part = config.getoption("--part")
+  if part is None:
+    return
+  try:
+    i, n = (int(x) for x in part.split("/"))
+  except ValueError:
+    raise pytest.UsageError(f"--part must be I/N with integers, got {part!r}") from None
+  if not 1 <= i <= n:
+    raise pytest.UsageError(f"--part I/N needs 1 <= I <= N, got {part!r}")
+  config.hook.pytest_deselected(items=[x for j, x in enumerate(items) if j % n != i - 1])
+  items[:] = [x for j, x in enumerate(items) if j % n == i - 1]

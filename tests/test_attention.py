@@ -316,3 +316,100 @@ def test_pallas_matches_xla(dtype, routing_name):
   np.testing.assert_allclose(aux_p.density, aux_x.density, atol=0.02)
   assert _rel(out_p.astype(jnp.float32), out_x.astype(jnp.float32)) < (
       1e-2 if dtype == jnp.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("compensation,update", [("mean", "segment_sum"),
+                                                 ("variance", "segment_sum"),
+                                                 ("mean", "sorted"), ("variance", "sorted")])
+def test_pallas_matches_xla_with_text_tokens_and_padding(compensation, update, monkeypatch):
+  # HunyuanVideo's layout: trailing text tokens (num_dense_tokens) with padded keys; the
+  # pallas path reads the video rows of the tokens-first arrays in place; with the
+  # "sorted" k-means update every later stage reuses its orders (append_dense_tokens
+  # extends them, attend reads them)
+  from svg_ear_jax import pipeline
+  monkeypatch.setattr(pipeline, "KMEANS_UPDATE", update)
+  q, k, v = _qkv(11, b=2, s=233, h=2, d=16)
+  mask = jnp.ones((2, 233), bool).at[0, 225:].set(False).at[1, 100:104].set(False)
+  cfg = SvgEarConfig(num_q_clusters=6, num_k_clusters=16, kmeans_iters=4, density=0.3,
+                     compensation=compensation)
+  run = lambda impl, **kw: svg_ear_attention(q, k, v, cfg.replace(implementation=impl),
+                                             num_dense_tokens=21, key_mask=mask,
+                                             return_aux=True, **kw)
+  out_x, aux_x = run("xla")
+  out_p, aux_p = run("pallas")
+  np.testing.assert_allclose(aux_p.density, aux_x.density, atol=0.02)
+  assert _rel(out_p, out_x) < 5e-3
+  for got, want in zip(jax.tree.leaves(aux_p.state), jax.tree.leaves(aux_x.state)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # warm start from the state, as the next denoising step does
+  out_x2, _ = run("xla", state=aux_x.state)
+  out_p2, _ = run("pallas", state=aux_p.state)
+  assert _rel(out_p2, out_x2) < 5e-3
+
+
+def test_pallas_kmeans_updates_agree():
+  """pipeline.KMEANS_UPDATE: the XLA segment sum (the default) and the sort-based update
+  give the same call up to float rounding."""
+  from svg_ear_jax import pipeline
+  q, k, v = _qkv(12, b=2, s=200, h=2, d=16, dtype=jnp.bfloat16)
+  cfg = SvgEarConfig(num_q_clusters=6, num_k_clusters=16, kmeans_iters=4, density=0.3,
+                     implementation="pallas", compensation="mean")
+  assert pipeline.KMEANS_UPDATE == "segment_sum"
+  qkv = (q, k, v)
+  sorted_ = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180, kmeans_update="sorted")
+  segment = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180)
+  assert sorted_.k.perm is not None and segment.k.perm is None
+  for a, b in ((sorted_.q, segment.q), (sorted_.k, segment.k)):
+    np.testing.assert_array_equal(np.asarray(a.labels), np.asarray(b.labels))
+    np.testing.assert_allclose(np.asarray(a.centroids), np.asarray(b.centroids), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sorted_.v_centroids), np.asarray(segment.v_centroids),
+                             rtol=1e-5, atol=1e-6)
+  maps = [pipeline.route(*qkv, c, cfg, "pallas", num_rows=180) for c in (sorted_, segment)]
+  np.testing.assert_array_equal(np.asarray(maps[0]), np.asarray(maps[1]))
+  with pytest.raises(ValueError, match="kmeans_update"):
+    pipeline.cluster(*qkv, cfg, "pallas", kmeans_update="atomic")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_stages_take_tokens_first_or_head_major(impl):
+  """cluster / route on [B, S, H, D] with num_rows equal the same stages on head-major
+  copies of the first num_rows tokens (the pallas kernels read the former in place)."""
+  from svg_ear_jax import pipeline
+  b, s, h, d, n = 2, 190, 2, 16, 170
+  q, k, v = _qkv(13, b=b, s=s, h=h, d=d)
+  heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, s, d)[:, :n]
+  cfg = SvgEarConfig(num_q_clusters=5, num_k_clusters=12, kmeans_iters=3, density=0.3,
+                     compensation="variance")
+  tokens = pipeline.cluster(q, k, v, cfg, impl, num_rows=n)
+  major = pipeline.cluster(heads(q), heads(k), heads(v), cfg, impl)
+  for got, want in zip(jax.tree.leaves(tokens), jax.tree.leaves(major)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(
+      np.asarray(pipeline.route(q, k, v, tokens, cfg, impl, num_rows=n)),
+      np.asarray(pipeline.route(heads(q), heads(k), heads(v), major, cfg, impl)))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_appended_dense_tokens_keep_the_sorted_order(masked):
+  """append_dense_tokens derives the sorted order of its labels from the k-means one (no
+  sort): pipeline.layout of the result is the stable argsort of the extended labels."""
+  from svg_ear_jax import permutation, pipeline
+  b, s, h, d, t = 2, 150, 2, 16, 22
+  q, k, v = _qkv(14, b=b, s=s, h=h, d=d)
+  mask = jnp.ones((b * h, s), bool)
+  if masked:
+    mask = mask.at[1, 120:125].set(False).at[2, 140:].set(False).at[3, :3].set(False)
+  cfg = SvgEarConfig(num_q_clusters=5, num_k_clusters=12, kmeans_iters=3, density=0.3,
+                     compensation="mean")
+  n = s - t
+  clusters = pipeline.cluster(q, k, v, cfg, "pallas", k_mask=mask[:, :n], num_rows=n,
+                              kmeans_update="sorted")
+  block_map = pipeline.route(q, k, v, clusters, cfg, "pallas", num_rows=n)
+  ext, _ = pipeline.append_dense_tokens(clusters, block_map, t, mask[:, n:])
+  for res in (ext.q, ext.k):
+    assert res.perm is not None
+    want = permutation.cluster_layout(res.labels, res.sizes)
+    got = pipeline.layout(res)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(w))

@@ -155,3 +155,112 @@ def test_permutation_layout():
                                 x)
   np.testing.assert_array_equal(permutation.labels_of_rows(lay.sizes, 37),
                                 jnp.take_along_axis(labels, lay.perm, 1))
+
+
+# ----------------------------------------------------------------- the sort-based update
+
+def _pallas_means(interpret=True, num_points=None):
+  import pallas_kernels
+  return lambda x, sizes, perm: pallas_kernels.cluster_means(
+      x, sizes, perm, num_rows=num_points, block_rows=16, interpret=interpret)
+
+
+def _assert_same_result(got, want, rtol=1e-5):
+  np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(want.labels))
+  np.testing.assert_array_equal(np.asarray(got.sizes), np.asarray(want.sizes))
+  assert int(got.iterations) == int(want.iterations)
+  np.testing.assert_allclose(np.asarray(got.centroids), np.asarray(want.centroids), rtol=rtol,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("mean_fn", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sorted_update_equals_segment_sum(mean_fn, dtype):
+  """Several iterations with an empty cluster (a far centroid), one-point clusters and a
+  per-head tol stop: the same labels, sizes and iterations, centroids within rounding,
+  and the order it returns is the stable argsort of its labels."""
+  x = _blobs(10, g=3, n=201, centers=5, spread=0.4).astype(dtype)
+  x = x.at[:, 0].set(40.0)  # a lone far point: its own cluster once it is a centroid
+  init = kmeans.init_centroids(x, 8, jax.random.PRNGKey(2))
+  init = init.at[:, 1].set(x[:, 0].astype(jnp.float32)).at[:, 7].set(1e3)  # 7 stays empty
+  fn = None if mean_fn == "xla" else _pallas_means()
+  for iters, tol in ((1, 0.0), (6, 0.0), (60, 1e-3)):
+    want = kmeans.kmeans(x, init, max_iters=iters, tol=tol)
+    got = kmeans.kmeans(x, init, max_iters=iters, tol=tol, update="sorted", mean_fn=fn)
+    _assert_same_result(got, want)
+    assert want.perm is None
+    lay = permutation.cluster_layout(got.labels, got.sizes)
+    np.testing.assert_array_equal(np.asarray(got.perm), np.asarray(lay.perm))
+    assert np.all(np.asarray(got.sizes[:, 7]) == 0)
+    np.testing.assert_array_equal(np.asarray(got.centroids[:, 7]), 1e3)
+  assert np.all(np.asarray(got.sizes[:, 1]) == 1)
+  assert int(got.iterations) < 60  # the tol stop fired
+
+
+def test_sorted_update_with_point_mask_and_a_stopped_head():
+  """Masked points (label K) sort last and count nowhere; a head that converged first
+  keeps its labels and order while the others iterate."""
+  x = _blobs(11, g=2, n=150, centers=4, spread=0.5)
+  # head 0: six far-apart blobs, one start in each: converged after two iterations
+  rng = np.random.default_rng(12)
+  lab = np.arange(150) % 6
+  x = x.at[0].set(jnp.asarray(20.0 * np.eye(8)[lab] + 0.1 * rng.normal(size=(150, 8)),
+                              jnp.float32))
+  mask = jnp.arange(150)[None, :] < jnp.array([[150], [120]])
+  init = kmeans.init_centroids(x, 6, jax.random.PRNGKey(3), mask).at[0].set(x[0, :6])
+  want = kmeans.kmeans(x, init, max_iters=30, tol=1e-4, point_mask=mask)
+  got = kmeans.kmeans(x, init, max_iters=30, tol=1e-4, point_mask=mask, update="sorted",
+                      mean_fn=_pallas_means())
+  _assert_same_result(got, want)
+  assert int(got.iterations) > 2 and np.all(np.asarray(got.sizes[0]) == 25)
+  assert np.all(np.asarray(got.labels[1, 120:]) == 6)
+  np.testing.assert_array_equal(np.asarray(got.perm),
+                                np.asarray(permutation.cluster_layout(got.labels, got.sizes).perm))
+
+
+@pytest.mark.parametrize("update", ["segment_sum", "sorted"])
+def test_tokens_first_points_equal_head_major(update):
+  """[B, S, H, D] points (head g = b * H + h), the first n rows only, with the Pallas
+  assignment / means reading them in place: the result of the head-major copy."""
+  import pallas_kernels
+  b, s, h, n, d = 2, 157, 2, 131, 16
+  x = _blobs(13, g=b * h, n=s, d=d, centers=5)
+  tokens_first = x.reshape(b, h, s, d).transpose(0, 2, 1, 3)
+  heads = x[:, :n]
+  init = kmeans.init_centroids(tokens_first, 7, jax.random.PRNGKey(4), num_points=n)
+  np.testing.assert_array_equal(np.asarray(init), np.asarray(
+      kmeans.init_centroids(heads, 7, jax.random.PRNGKey(4))))
+  want = kmeans.kmeans(heads, init, max_iters=5, tol=1e-4, update=update)
+  assign = lambda pts, c: pallas_kernels.kmeans_assign(pts, c, num_rows=n, block_n=32,
+                                                       block_k=16, interpret=True)
+  got = kmeans.kmeans(tokens_first, init, max_iters=5, tol=1e-4, update=update,
+                      assign_fn=assign, mean_fn=_pallas_means(num_points=n), num_points=n)
+  _assert_same_result(got, want)
+  # the XLA defaults take the same tokens-first points (through a head-major copy)
+  _assert_same_result(kmeans.kmeans(tokens_first, init, max_iters=5, tol=1e-4, update=update,
+                                    num_points=n), want)
+
+
+def test_sort_by_label_counts_without_scatter():
+  rng = np.random.default_rng(1)
+  labels = jnp.asarray(rng.integers(0, 6, size=(3, 41)), jnp.int32).at[:, :5].set(7)  # 7: K
+  lay = permutation.sort_by_label(labels, 7)  # cluster 6 empty, label 7 in none
+  np.testing.assert_array_equal(np.asarray(lay.sizes), np.stack(
+      [np.bincount(np.asarray(l), minlength=8)[:7] for l in labels]))
+  ref = permutation.cluster_layout(labels, lay.sizes)
+  for a, b in zip((lay.perm, lay.offsets), (ref.perm, ref.offsets)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  given = permutation.cluster_layout(labels, lay.sizes, perm=lay.perm)
+  np.testing.assert_array_equal(np.asarray(given.perm), np.asarray(ref.perm))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(update="scatter"), "update must be"),
+    (dict(num_points=401), "num_points"),
+    (dict(point_mask=jnp.ones((3, 399), bool)), "point_mask"),
+])
+def test_bad_kmeans_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    kmeans.kmeans(_blobs(0), jnp.zeros((3, 2, 8)), max_iters=1, tol=0.0, **kwargs)
+  with pytest.raises(ValueError, match="init must be"):
+    kmeans.kmeans(_blobs(0), jnp.zeros((3, 2, 7)), max_iters=1, tol=0.0)

@@ -1,11 +1,13 @@
-"""cluster_moments kernel vs its jnp reference (GPU class + interpret), the reference vs the
-XLA scatter-add versions it replaces, and its lowering to Triton for CUDA."""
+"""cluster_moments / cluster_means kernels vs their jnp references (GPU class + interpret),
+head-major and tokens-first rows, the references vs the XLA scatter-add versions they
+replace, and their lowering to Triton for CUDA."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import cluster_moments, cluster_moments_reference
+from pallas_kernels import (cluster_means, cluster_means_reference, cluster_moments,
+                            cluster_moments_reference)
 from pallas_testing import CompiledOrInterpret
 from svg_ear_jax import compensation, kmeans
 from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
@@ -85,6 +87,53 @@ class KernelTest(CompiledOrInterpret):
     np.testing.assert_allclose(np.asarray(second[0]), want, rtol=1e-5)
 
 
+  @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-3)])
+  @pytest.mark.parametrize("d", [24, 32])
+  def test_means_match_reference(self, dtype, tol, d):
+    # empty clusters, singletons, a cluster of several tiles, sizes summing to < S
+    x, sizes, index, _, _ = _problem(d + 1, d=d, dtype=dtype)
+    got = cluster_means(x, sizes, index, block_rows=16, interpret=self.INTERPRET)
+    want = cluster_means_reference(x, sizes, index)
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=1e-6)
+    assert np.all(np.asarray(got)[np.asarray(sizes) == 0] == 0)
+    # the first moment of x is the value mean of values=x
+    np.testing.assert_allclose(np.asarray(got), np.asarray(cluster_moments_reference(
+        x, sizes, index, values=x)[2]), rtol=tol, atol=1e-6)
+
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  @pytest.mark.parametrize("b,h,n,extra", [(2, 2, 300, 0), (1, 3, 233, 20), (3, 1, 161, 1)])
+  def test_tokens_first_rows_in_place(self, dtype, b, h, n, extra):
+    # [B, S, H, D] (head g = b * H + h) read to its first n rows equals the head-major copy
+    # of those rows; the trailing `extra` rows (text tokens) are junk never read
+    rng = np.random.default_rng(n + extra)
+    g, d, k = b * h, 24, 20
+    sizes = _sizes(rng, g, n, k)
+    index = jnp.asarray(np.stack([rng.permutation(n) for _ in range(g)]), jnp.int32)
+    rows = lambda: jnp.asarray(rng.normal(size=(g, n, d)) + 0.5, jnp.float32).astype(dtype)
+    x, v = rows(), rows()
+    c = jnp.asarray(rng.normal(size=(g, k, d)) * 0.3 + 0.5, jnp.float32)
+    junk = jnp.full((g, extra, d), jnp.nan, dtype)
+    tokens_first = lambda a: (jnp.concatenate([a, junk], 1).reshape(b, h, n + extra, d)
+                              .transpose(0, 2, 1, 3))
+    xt, vt = tokens_first(x), tokens_first(v)
+    kw = dict(block_rows=16, interpret=self.INTERPRET)
+    got = cluster_moments(xt, sizes, index, centroids=c, values=vt, num_rows=n, **kw)
+    want = cluster_moments(x, sizes, index, centroids=c, values=v, **kw)
+    _assert_close(got, want, rtol=0, atol=0)
+    _assert_close(cluster_moments_reference(xt, sizes, index, centroids=c, values=vt,
+                                            num_rows=n), want, rtol=1e-5, atol=1e-6)
+    means = cluster_means(xt, sizes, index, num_rows=n, **kw)
+    np.testing.assert_array_equal(np.asarray(means),
+                                  np.asarray(cluster_means(x, sizes, index, **kw)))
+    np.testing.assert_allclose(np.asarray(cluster_means_reference(xt, sizes, index, num_rows=n)),
+                               np.asarray(means), rtol=1e-5, atol=1e-6)
+    # a head-major array read to its first n rows alike
+    xg = jnp.concatenate([x, junk], 1)
+    np.testing.assert_array_equal(np.asarray(cluster_means(xg, sizes, index, num_rows=n, **kw)),
+                                  np.asarray(means))
+
+
 class KernelInterpretTest(KernelTest):
   INTERPRET = True
 
@@ -125,10 +174,13 @@ def test_reference_matches_xla_scatter_versions(masked):
     (dict(x=jnp.zeros((2, 300), jnp.float32)), "x must be"),
     (dict(x=jnp.zeros((2, 300, 24), jnp.int32)), "x must be"),
     (dict(index=jnp.zeros((2, 299), jnp.int32)), "index must be"),
+    (dict(num_rows=299), "index must be"),
+    (dict(num_rows=301), "num_rows"),
     (dict(index=jnp.zeros((2, 300), jnp.float32)), "index must be"),
     (dict(sizes=jnp.zeros((3, 20), jnp.int32)), "sizes must be"),
     (dict(centroids=jnp.zeros((2, 19, 24), jnp.float32)), "centroids must be"),
     (dict(values=jnp.zeros((2, 300, 16), jnp.float32)), "values must be"),
+    (dict(values=jnp.zeros((1, 300, 2, 24), jnp.float32)), "values must be"),
     (dict(block_rows=24), "power of two"),
     (dict(block_rows=8), "power of two"),
     (dict(cluster_splits=0), "cluster_splits"),
@@ -144,6 +196,11 @@ def test_bad_arguments(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
       cluster_moments_reference(args.pop("x"), args.pop("sizes"), args.pop("index"), **args)
+  if "centroids" not in change and "values" not in change:
+    args = dict(x=x, sizes=sizes, index=index, interpret=True)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+      cluster_means(args.pop("x"), args.pop("sizes"), args.pop("index"), **args)
 
 
 @pytest.mark.usefixtures("abstract_h100")
@@ -163,3 +220,18 @@ def test_lowers_to_one_triton_kernel(dtype, d, kw):
                            values=v if with_values else None, **kw)
 
   assert _lower_for_cuda(fn, x, sizes, index, c, v) == 1
+
+
+@pytest.mark.usefixtures("abstract_h100")
+@pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 24)])
+def test_tokens_first_forms_lower_to_one_triton_kernel(dtype, d):
+  b, s, h, n, k = 2, 300, 3, 270, 20
+  x = jnp.zeros((b, s, h, d), dtype)
+  sizes = jnp.full((b * h, k), 10, jnp.int32)
+  index = jnp.zeros((b * h, n), jnp.int32)
+  c = jnp.zeros((b * h, k, d), jnp.float32)
+  means = lambda x, sizes, index: cluster_means(x, sizes, index, num_rows=n)
+  assert _lower_for_cuda(means, x, sizes, index) == 1
+  moments = lambda x, sizes, index, c, v: cluster_moments(x, sizes, index, centroids=c,
+                                                          values=v, num_rows=n)
+  assert _lower_for_cuda(moments, x, sizes, index, c, x) == 1

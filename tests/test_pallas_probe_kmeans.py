@@ -1,4 +1,7 @@
-"""EAR probe and k-means assignment kernels vs their jnp references (GPU class + interpret)."""
+"""EAR probe and k-means assignment kernels vs their jnp references (GPU class + interpret),
+head-major and tokens-first inputs, and their lowering to Triton for CUDA."""
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 from pallas_kernels import (ear_error_probe, ear_error_probe_reference, kmeans_assign,
                             kmeans_assign_reference)
 from pallas_testing import CompiledOrInterpret
+from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -110,9 +114,111 @@ class KernelTest(CompiledOrInterpret):
       kmeans_assign(jnp.zeros((1, 8, 16)), jnp.zeros((1, 4, 16)), block_n=48)
 
 
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  @pytest.mark.parametrize("b,s,h,n,d", [(2, 203, 3, 203, 24), (1, 150, 2, 131, 16),
+                                         (3, 97, 1, 64, 32)])
+  def test_assign_reads_tokens_first_in_place(self, dtype, b, s, h, n, d):
+    # head g = b * H + h of [B, S, H, D], only the first n rows: the labels of the
+    # head-major copy of those rows
+    rng = np.random.default_rng(s + n)
+    x = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32).astype(dtype)
+    c = jnp.asarray(rng.normal(size=(b * h, 19, d)), jnp.float32)
+    heads = x.transpose(0, 2, 1, 3).reshape(b * h, s, d)[:, :n]
+    kw = dict(block_n=32, block_k=16, interpret=self.INTERPRET)
+    got = kmeans_assign(x, c, num_rows=n, **kw)
+    assert got.shape == (b * h, n) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(kmeans_assign(heads, c, **kw)))
+    want = kmeans_assign_reference(x, c, num_rows=n)
+    np.testing.assert_array_equal(np.asarray(want), np.asarray(kmeans_assign_reference(heads, c)))
+    assert float(jnp.mean(got == want)) >= (1.0 if self.INTERPRET else 0.995)
+    # a head-major array read to its first n rows alike
+    np.testing.assert_array_equal(
+        np.asarray(kmeans_assign(x.transpose(0, 2, 1, 3).reshape(b * h, s, d), c,
+                                 num_rows=n, **kw)), np.asarray(got))
+
+  @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+  def test_probe_reads_tokens_first_video_rows(self, dtype, atol):
+    # keys / values tokens-first [B, S, H, D] in token order, the clustered first n rows
+    # read through kv_index; the trailing rows (text) are junk that must not be read
+    qc, k, v, kc, vc, sizes = _probe_problem(5, g=4, dtype=dtype)
+    b, h, n, d = 2, 2, k.shape[1], k.shape[2]
+    s = n + 13
+    rng = np.random.default_rng(6)
+    perm = jnp.asarray(np.stack([rng.permutation(n) for _ in range(b * h)]), jnp.int32)
+    heads = jnp.arange(b * h)[:, None]
+    unsort = lambda x: jnp.zeros_like(x).at[heads, perm].set(x)  # token order
+    junk = jnp.full((b * h, s - n, d), 1e4, k.dtype)
+    tokens_first = lambda x: (jnp.concatenate([unsort(x), junk], 1)
+                              .reshape(b, h, s, d).transpose(0, 2, 1, 3))
+    kt, vt = tokens_first(k), tokens_first(v)
+    kw = dict(sm_scale=d ** -0.5, block_qc=16, block_k=16, interpret=self.INTERPRET)
+    got = np.asarray(ear_error_probe(qc, kt, vt, kc, vc, sizes, kv_index=perm, num_rows=n,
+                                     **kw))
+    want = np.asarray(ear_error_probe(qc, k, v, kc, vc, sizes, **kw))
+    np.testing.assert_allclose(got, want, atol=1e-5 if dtype == jnp.float32 else 1e-3)
+    ref = np.asarray(ear_error_probe_reference(qc, kt, vt, kc, vc, sizes, sm_scale=kw["sm_scale"],
+                                               kv_index=perm, num_rows=n))
+    np.testing.assert_array_equal(
+        ref, np.asarray(ear_error_probe_reference(qc, k, v, kc, vc, sizes,
+                                                  sm_scale=kw["sm_scale"])))
+    clear = np.isfinite(ref) & (ref > -8.0)
+    assert clear.mean() > 0.8 and np.array_equal(np.isneginf(got), np.isneginf(ref))
+    err = np.abs(got[clear] - ref[clear])
+    assert np.mean(err <= atol) >= 0.99 and err.max() <= 10 * atol, err.max()
+
+
 class KernelInterpretTest(KernelTest):
   INTERPRET = True
 
 
 TestKernels = KernelTest
 TestKernelsInterpret = KernelInterpretTest
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=jnp.zeros((2, 30), jnp.float32)), "x must be"),
+    (dict(x=jnp.zeros((2, 30, 16), jnp.int32)), "x must be"),
+    (dict(c=jnp.zeros((3, 5, 16))), "centroids must be"),
+    (dict(c=jnp.zeros((2, 5, 8))), "centroids must be"),
+    (dict(num_rows=31), "num_rows"),
+    (dict(num_rows=0), "num_rows"),
+])
+def test_assign_bad_arguments(change, match):
+  args = dict(x=jnp.zeros((2, 30, 16)), c=jnp.zeros((2, 5, 16)), num_rows=None)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    kmeans_assign(args["x"], args["c"], num_rows=args["num_rows"], interpret=True)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(k=jnp.zeros((1, 300, 2, 24))), "v must be"),
+    (dict(kc=jnp.zeros((2, 19, 24))), "k_centroids must be"),
+    (dict(qc=jnp.zeros((2, 70, 16))), "q_centroids must be"),
+    (dict(kv_index=jnp.zeros((2, 299), jnp.int32)), "kv_index must be"),
+    (dict(num_rows=301), "num_rows"),
+])
+def test_probe_bad_arguments(change, match):
+  qc, k, v, kc, vc, sizes = _probe_problem(0)
+  args = dict(qc=qc, k=k, v=v, kc=kc, vc=vc, sizes=sizes, kv_index=None, num_rows=None)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    ear_error_probe(args["qc"], args["k"], args["v"], args["kc"], args["vc"], args["sizes"],
+                    sm_scale=0.3, kv_index=args["kv_index"], num_rows=args["num_rows"],
+                    interpret=True)
+
+
+@pytest.mark.usefixtures("abstract_h100")
+@pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 24)])
+def test_tokens_first_forms_lower_to_one_triton_kernel(dtype, d):
+  # [B, S, H, D] read in place to its first n rows, non-power-of-two D masked in-kernel
+  b, s, h, n = 2, 300, 3, 270
+  x = jnp.zeros((b, s, h, d), dtype)
+  c = jnp.zeros((b * h, 37, d), jnp.float32)
+  assign = functools.partial(kmeans_assign, num_rows=n)
+  assert _lower_for_cuda(assign, x, c) == 1
+  sizes = jnp.full((b * h, 37), 7, jnp.int32)
+  probe = functools.partial(ear_error_probe, sm_scale=0.1, num_rows=n)
+  assert _lower_for_cuda(lambda qc, k, v, kc, vc, sz, idx: probe(qc, k, v, kc, vc, sz,
+                                                                  kv_index=idx),
+                         jnp.zeros((b * h, 20, d)), x, x, c, c, sizes,
+                         jnp.zeros((b * h, n), jnp.int32)) == 1

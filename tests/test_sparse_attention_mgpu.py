@@ -1,7 +1,7 @@
 """Mosaic GPU sparse-attention kernel (pallas_kernels.sparse_attention_mgpu).
 
 On CPU: its tables and data path (padded sorted copies, NaN padding keys, chunk lists,
-compensation bias rows, slot-space output) through `emulate_kernel` against the float32
+compensation bias rows, output rows written in the caller's layout) through `emulate_kernel` against the float32
 token-level reference, and the Pallas -> Mosaic GPU lowering for CUDA (jax >= 0.11; the
 layout inference that rejects unaligned TMA rows runs there). On a Hopper GPU: the compiled
 kernel against the same reference.
@@ -46,10 +46,27 @@ def test_emulated_kernel_matches_reference(compensation, tiny, seed, chunk, kk):
   _assert_close(out, _ref(p, compensation, 0.125), jnp.float32)
 
 
-def test_emulated_kernel_tokens_first_with_permutations():
-  b, h, s = 2, 3, 200
-  g = b * h
-  p = _problem(8, g=g, s=s, d=64, kq=5, kk=12, cover=1.0)
+@pytest.mark.parametrize("compensation,pair,chunk,seed", [
+    (True, True, 16, 11), (True, False, 16, 12), ("variance", True, 8, 13),
+    (False, True, 64, 14)])
+def test_emulated_pair_tiles_match_reference(compensation, pair, chunk, seed):
+  # kq=9 at s=1000: clusters of ~110 rows, so about half the clusters end in a half tile
+  # (paired, or with an idle second warpgroup), some clusters of 1-3 rows
+  p = _problem(seed, g=3, s=1000, d=64, kq=9, kk=24, tiny=True)
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=1000,
+                              chunk=chunk, pair_half_tiles=pair)
+  assert bool((lay["tile_mode"] == sm.MODE_PAIR).any()) == pair
+  out = sm.sparse_attention_mgpu(*_args(p), compensation=compensation, sm_scale=0.125,
+                                 chunk_rows=chunk, pair_half_tiles=pair, emulate=True,
+                                 **_spread(p, compensation))
+  _assert_close(out, _ref(p, compensation, 0.125), jnp.float32)
+
+
+def _check_tokens_first(p, kw, b, dtype):
+  """The kernel on tokens-first [b, S, G / b, D] inputs in token order, read and written
+  through random permutations, against the reference in sorted order."""
+  g, s, d = p["q"].shape
+  h = g // b
   rng = np.random.default_rng(1)
   q_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
   kv_idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(g)]), jnp.int32)
@@ -59,11 +76,16 @@ def test_emulated_kernel_tokens_first_with_permutations():
   args = _args(p)
   args[:3] = [tokens_first(unperm(p[n], i)) for n, i in (("q", q_idx), ("k", kv_idx),
                                                            ("v", kv_idx))]
-  out = sm.sparse_attention_mgpu(*args, compensation=True, sm_scale=0.2, q_index=q_idx,
-                                 kv_index=kv_idx, emulate=True)
-  assert out.shape == (b, s, h, 64)
+  out = sm.sparse_attention_mgpu(*args, q_index=q_idx, kv_index=kv_idx, **kw)
+  assert out.shape == (b, s, h, d) and out.dtype == p["q"].dtype
   got = out.transpose(0, 2, 1, 3).reshape(g, s, -1)[heads, q_idx]
-  _assert_close(got, _ref(p, True, 0.2), jnp.float32)
+  _assert_close(got, _ref(p, kw["compensation"], kw["sm_scale"]), dtype)
+
+
+def test_emulated_kernel_tokens_first_with_permutations():
+  # positions of no query cluster (cover 0.97) map to scattered token rows: zeroed there
+  p = _problem(8, g=6, s=200, d=64, kq=5, kk=12)
+  _check_tokens_first(p, dict(compensation=True, sm_scale=0.2, emulate=True), 2, jnp.float32)
 
 
 @pytest.mark.parametrize("chunk,impl", [(8, "jnp"), (16, "jnp"), (16, "interpret")])
@@ -116,27 +138,71 @@ def test_chunk_list_kernel_matches_reference(seed, kk, width, block):
   assert (np.asarray(want)[:, 0] == -7).all()
 
 
-def test_layout_query_slots_are_distinct_and_in_their_tile():
-  p = _problem(6, s=333, d=8, kq=5, kk=24)
-  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333)
+@pytest.mark.parametrize("half,pair", [(True, True), (True, False), (False, False)])
+def test_layout_tiles_write_each_query_once_in_its_cluster(half, pair):
+  # the rows each warpgroup writes (its first wg_n rows, read through query_rows) are every
+  # sorted position of a query cluster exactly once, each by a warpgroup of its own
+  # cluster; pair tiles join two clusters' half tiles and step over the longer list
+  p = _problem(6, g=3, s=700, d=8, kq=9, kk=24)
+  lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=700,
+                              half_tiles=half, pair_half_tiles=pair)
   qs = np.asarray(p["q_sizes"])
-  slot = np.asarray(lay["q_slot"])
-  tile_c = np.asarray(lay["tile_c"])
+  mode, exact = np.asarray(lay["tile_mode"]), np.asarray(lay["tile_exact"])
+  wg_c, wg_q0, wg_n = (np.asarray(lay[n]) for n in ("wg_c", "wg_q0", "wg_n"))
+  rows, n_exact = np.asarray(lay["query_rows"]), np.asarray(lay["n_exact"])
+  n_chunks_half = np.asarray([[np.sum(np.asarray(lay["chunks"])[h, c] != lay["nan_chunk"])
+                               for c in range(qs.shape[1])] for h in range(qs.shape[0])])
+  n_half = -(-n_chunks_half // (sm.BLOCK_K // sm.CHUNK // 2))
   for h in range(qs.shape[0]):
     lab = np.repeat(np.arange(qs.shape[1]), qs[h])
-    ok = slot[h] >= 0
-    assert ok.sum() == qs[h].sum() and not ok[qs[h].sum():].any()
-    assert len(np.unique(slot[h][ok])) == ok.sum()
-    np.testing.assert_array_equal(tile_c[h][slot[h][ok] // sm.TILE_Q], lab)
-    # a tile's second warpgroup computes iff one of its real rows is past BLOCK_Q
-    last = np.full(tile_c.shape[1], -1)
-    np.maximum.at(last, slot[h][ok] // sm.TILE_Q, slot[h][ok] % sm.TILE_Q)
-    want = np.where(tile_c[h] < 0, 0, np.where(last < sm.BLOCK_Q, 1, 2))
-    np.testing.assert_array_equal(np.asarray(lay["tile_wgs"])[h], want)
-    assert (want == 1).any() and (want == 2).any()
-  full = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=333,
-                               half_tiles=False)
-  np.testing.assert_array_equal(np.asarray(full["tile_wgs"]), np.where(tile_c < 0, 0, 2))
+    written = []
+    for t in np.flatnonzero(mode[h] != sm.MODE_NONE):
+      for w in range(2 if mode[h, t] != sm.MODE_HALF else 1):
+        pos = rows[h][wg_q0[h, t, w] * sm.CHUNK + np.arange(wg_n[h, t, w])]
+        assert (pos >= 0).all() and (lab[pos] == wg_c[h, t, w]).all()
+        written.append(pos)
+      if mode[h, t] == sm.MODE_PAIR:
+        a, b = wg_c[h, t]
+        assert a != b and 0 < wg_n[h, t, 0] <= sm.BLOCK_Q and 0 < wg_n[h, t, 1] <= sm.BLOCK_Q
+        assert exact[h, t] == max(n_half[h, a], n_half[h, b])
+      else:
+        assert wg_c[h, t, 0] == wg_c[h, t, 1] and exact[h, t] == n_exact[h, wg_c[h, t, 0]]
+        if mode[h, t] == sm.MODE_HALF:
+          assert wg_n[h, t, 0] <= sm.BLOCK_Q and wg_n[h, t, 1] == 0
+    written = np.concatenate(written)
+    np.testing.assert_array_equal(np.sort(written), np.arange(qs[h].sum()))
+    assert (wg_n[h][mode[h] == sm.MODE_NONE] == 0).all()
+    # pair tiles follow the other tiles; at most one half tile stays unpaired
+    live = np.flatnonzero(mode[h] != sm.MODE_NONE)
+    assert (live == np.arange(len(live))).all()
+    pairs = np.flatnonzero(mode[h] == sm.MODE_PAIR)
+    assert (pairs == np.arange(len(pairs)) + len(live) - len(pairs)).all()
+    assert (mode[h] == sm.MODE_PAIR).any() == pair
+    assert (mode[h] == sm.MODE_HALF).sum() <= (1 if pair else qs.shape[1])
+    assert ((mode[h] == sm.MODE_HALF).any() or (mode[h] == sm.MODE_PAIR).any()) == half
+
+
+def test_flat_rows_address_both_layouts():
+  # the rows the kernel reads and writes: x.reshape(-1, D)[flat] is sorted position p of
+  # head g, for head-major and tokens-first inputs, with and without a permutation
+  b, h, s, d = 2, 3, 7, 4
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32)
+  heads_first = x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
+  idx = jnp.asarray(np.stack([rng.permutation(s) for _ in range(b * h)]), jnp.int32)
+  pos = jnp.asarray(np.stack([rng.permutation(s) for _ in range(b * h)]), jnp.int32)
+  pos = pos.at[:, 0].set(-1)
+  want = jnp.take_along_axis(jnp.take_along_axis(heads_first, idx[..., None], 1),
+                             jnp.maximum(pos, 0)[..., None], 1)
+  for arr in (x, heads_first):
+    flat = sm._flat_rows(pos, idx, arr.shape)
+    assert (np.asarray(flat[:, 0]) == -1).all()
+    got = arr.reshape(-1, d)[jnp.maximum(flat, 0)]
+    np.testing.assert_array_equal(np.asarray(got)[:, 1:], np.asarray(want)[:, 1:])
+  flat = sm._flat_rows(jnp.maximum(pos, 0), None, heads_first.shape)
+  np.testing.assert_array_equal(
+      np.asarray(heads_first.reshape(-1, d)[flat]),
+      np.asarray(jnp.take_along_axis(heads_first, jnp.maximum(pos, 0)[..., None], 1)))
 
 
 def test_rejects_bad_inputs():
@@ -182,13 +248,15 @@ def test_pipeline_mosaic_matches_triton_kernel():
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
 @pytest.mark.usefixtures("abstract_h100")
-@pytest.mark.parametrize("chunk,compensation", [(16, True), (8, True), (16, "variance")])
-def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation):
+@pytest.mark.parametrize("chunk,compensation,sorted_q", [(16, True, False), (8, True, False),
+                                                         (16, "variance", False),
+                                                         (16, True, True)])
+def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, sorted_q):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
   fn = functools.partial(sm.sparse_attention_mgpu, compensation=compensation, sm_scale=0.1,
-                         chunk_rows=chunk, **_spread(p, compensation))
+                         chunk_rows=chunk, sorted_queries=sorted_q, **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
@@ -197,29 +265,40 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation):
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
-@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk,half,s,density",
-                         [(True, False, 1, 2, 128, 16, True, 1000, 0.5),
-                          (False, True, 2, 2, 128, 16, True, 1000, 0.5),
-                          (True, True, 3, 3, 64, 16, True, 1000, 0.5),
-                          (True, True, 4, 2, 128, 8, True, 1000, 0.5),
-                          (True, False, 5, 2, 128, 16, False, 1000, 0.5),
-                          (True, False, 6, 2, 128, 16, True, 4096, 0.9),
-                          ("variance", False, 7, 2, 128, 16, True, 1000, 0.5),
-                          ("variance", True, 8, 3, 64, 8, True, 1000, 0.3)])
-def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, s,
-                                           density):
-  # kq=9: clusters of ~110 rows at s=1000, so both full and half tiles (idle second
-  # warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key ring wraps
-  # many times within a tile
-  p = _problem(seed, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16, density=density)
+@pytest.mark.parametrize("compensation,tiny,seed,mcs,d,chunk,half,pair,s,density,b",
+                         [(True, False, 1, 2, 128, 16, True, True, 1000, 0.5, 1),
+                          (False, True, 2, 2, 128, 16, True, True, 1000, 0.5, 1),
+                          (True, True, 3, 3, 64, 16, True, False, 1000, 0.5, 1),
+                          (True, True, 4, 2, 128, 8, True, True, 1000, 0.5, 2),
+                          (True, False, 5, 2, 128, 16, False, False, 1000, 0.5, 1),
+                          (True, False, 6, 2, 128, 16, True, True, 4096, 0.9, 1),
+                          ("variance", False, 7, 2, 128, 16, True, True, 1000, 0.5, 2),
+                          ("variance", True, 8, 3, 64, 8, True, False, 1000, 0.3, 1),
+                          (True, True, 9, 2, 128, 64, True, True, 1001, 0.5, 1),
+                          (True, False, 10, 2, 128, 16, True, True, 1000, 0.5, -2)])
+def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, pair,
+                                           s, density, b):
+  # kq=9: clusters of ~110 rows at s=1000, so full tiles and half tiles (paired, or with
+  # an idle second warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key
+  # ring wraps many times within a tile; b=2: tokens-first [2, S, 2, D] read and written in
+  # place through permutations; b=-2: the same, the queries from a sorted copy
+  sorted_q, b = b < 0, abs(b)
+  p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
+               density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
-            **_spread(p, compensation))
+            pair_half_tiles=pair, sorted_queries=sorted_q, **_spread(p, compensation))
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
-                              chunk=chunk, half_tiles=half)
-  wgs = lay["tile_wgs"]
-  assert bool((wgs == 1).any()) == half and bool((wgs == 2).any())
-  if s > 1000:
+                              chunk=chunk, half_tiles=half, pair_half_tiles=pair)
+  mode = lay["tile_mode"]
+  # (with pairs, an odd one out per head keeps its idle second warpgroup)
+  assert bool((mode == sm.MODE_PAIR).any()) == (half and pair)
+  halves = (mode == sm.MODE_HALF).sum(axis=1)
+  assert bool((halves > 1).any()) == (half and not pair) and bool((mode == sm.MODE_FULL).any())
+  if s > 1001:
     assert int(lay["n_exact"].max()) > 16
+  if b > 1:
+    _check_tokens_first(p, dict(kw, max_concurrent_steps=mcs), b, jnp.bfloat16)
+    return
   out = sm.sparse_attention_mgpu(*_args(p), max_concurrent_steps=mcs, **kw)
   emu = sm.sparse_attention_mgpu(*_args(p), emulate=True, **kw)
   _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
