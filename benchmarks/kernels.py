@@ -11,7 +11,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           XLA (gather, kernel, inverse gather) vs reading through the permutation indices,
           heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
   mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with half tiles paired, with
-          idle second warpgroups or without half tiles, vs the Triton kernel.
+          idle second warpgroups or without half tiles, queries read in place or from a
+          sorted copy, outputs written in place or to a slot buffer, vs the Triton kernel.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -224,11 +225,12 @@ def inputs(configs, budget_end, problem=None, interpret=False):
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
-  Per (chunk size, half_tiles, pair_half_tiles, sorted_queries): the kernel alone on prepared tables, the
-  whole call (padded copies of K / V, tables, kernel), useful TFLOP/s (exact area) and
-  visited TFLOP/s (every exact key slot the computing warpgroups visit, padding included),
-  and the largest difference from the Triton output. `emulate` (CPU smoke run): the kernel's jnp emulation, Triton in
-  interpret mode.
+  Per (chunk size, half_tiles, pair_half_tiles, sorted_queries, slot_output): the kernel
+  alone on prepared tables, the whole call (padded copies of K / V, tables, kernel, and
+  the gather of a slot-buffer output), useful TFLOP/s (exact area) and visited TFLOP/s
+  (every exact key slot the computing warpgroups visit, padding included), and the largest
+  difference from the Triton output. `emulate` (CPU smoke run): the kernel's jnp
+  emulation, Triton in interpret mode.
   """
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
@@ -242,9 +244,9 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
-  for chunk, half, pair, sorted_q in chunks:
+  for chunk, half, pair, sorted_q, slots in chunks:
     tag = dict(chunk_rows=chunk, half_tiles=half, pair_half_tiles=pair,
-               sorted_queries=sorted_q)
+               sorted_queries=sorted_q, slot_output=slots)
     if time.time() > budget_end:
       emit(what="skipped", **tag)
       continue
@@ -252,7 +254,7 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       whole = jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
                                         sm_scale=scale, chunk_rows=chunk, half_tiles=half,
                                         pair_half_tiles=pair, sorted_queries=sorted_q,
-                                        emulate=emulate))
+                                        slot_output=slots, emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
       prep = jax.jit(lambda *a: sm.prepare_mgpu(
@@ -262,10 +264,11 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       tables, qp, kp, vp = prep(*args)
       statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
       if emulate:
-        kern = functools.partial(sm.emulate_kernel, scale=scale * sm._LOG2E, **statics)
+        kern = functools.partial(sm.emulate_kernel, scale=scale * sm._LOG2E,
+                                 slot_output=slots, **statics)
       else:
         kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
-                                 **statics)
+                                 slot_output=slots, **statics)
       ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
       mode, exact = tables[:2]
       n_half = jnp.sum(mode == sm.MODE_HALF) + 2 * jnp.sum(mode == sm.MODE_PAIR)
@@ -384,9 +387,11 @@ def main():
   elif mode == "inputs":
     inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
   elif mode == "mosaic":
-    mosaic([(16, True, True, False), (16, True, True, True), (16, True, False, False),
-            (16, False, False, False), (8, True, True, False), (32, True, True, False)],
-           start + budget)
+    # (chunk rows, half tiles, paired, sorted Q copy, slot-buffer output)
+    mosaic([(16, True, True, False, False), (16, True, True, True, False),
+            (16, True, True, True, True), (16, True, False, False, False),
+            (16, False, False, False, False), (8, True, True, False, False),
+            (32, True, True, False, False)], start + budget)
   elif mode == "probe":
     probe(PROBE_CONFIGS, start + budget)
   elif mode == "assign":
@@ -397,7 +402,7 @@ def main():
     problem = dict(g=2, s=600, d=32, kq=6, kk=20)
     attention(small, start + budget, interpret=True, problem=problem)
     inputs(small[:1], start + budget, problem=problem, interpret=True)
-    mosaic([(16, True, True, False), (8, False, False, False)], start + budget,
+    mosaic([(16, True, True, False, False), (8, False, False, False, True)], start + budget,
            problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)

@@ -36,8 +36,10 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   fetches its 64 row numbers into shared memory, issues 64 one-row TMA copies into an
   unswizzled buffer (a one-row box cannot land in wgmma's swizzled tiles) and moves them
   into the swizzled tile through registers; its output rows go back by 64 one-row TMA
-  stores. No sorted copy of Q, no slot buffer, no gather afterwards (`sorted_queries=True`
-  keeps the sorted copy of Q for comparisons).
+  stores. No sorted copy of Q, no slot buffer, no gather afterwards. For comparisons,
+  `sorted_queries=True` reads a sorted padded copy of Q (one copy per warpgroup) and
+  `slot_output=True` writes 64-row tiles to a slot buffer that XLA gathers back (the
+  first version's data path, with pairing).
 - The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
   not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
   only the last wave's imbalance (< 1% of the call) could be won back.
@@ -243,6 +245,12 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       pl.when(wg == 0)(schedule_barrier)
       l_i = jnp.where(l_i == 0, 1.0, l_i)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
+      if len(out_ref.shape) == 3:  # slot buffer [G, T * 128, D]: one copy, XLA gathers
+        qo[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo, out_ref.at[g, pl.ds(t * TILE_Q + wg * BLOCK_Q, BLOCK_Q)])
+        plgpu.wait_smem_to_gmem(0)
+        return
       stage[...] = acc.astype(dtype)
       plgpu.commit_smem()
 
@@ -320,10 +328,11 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
 
 
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
-          variance=False):
+          variance=False, slot_output=False):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
-  (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy."""
+  (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
+  slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them)."""
   per_step = BLOCK_K // chunk
   tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
   g, num_tiles = tile_mode.shape
@@ -357,7 +366,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((num_out, d), dtype),
+      entry, out_type=jax.ShapeDtypeStruct(
+          (g, num_tiles * TILE_Q, d) if slot_output else (num_out, d), dtype),
       # the last grid axis varies fastest: the CTAs in flight share one head's keys and
       # values (~40 MB at Wan 720p, L2-resident); heads innermost thrashed L2 (101.7 ms
       # vs 80.0 ms on the kernel benchmark's problem)
@@ -605,6 +615,30 @@ def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
               comp_base=comp_base, chunk=chunk, variance=compensation == "variance")
 
 
+def _from_slots(out_slots, tables, query_rows, q_index, shape, chunk):
+  """Slot-space output [G, T * 128, D] (slot t * 128 + w * 64 + r: row r of warpgroup w of
+  tile t) -> the caller's rows [N, D] (rows of no query cluster: 0). An XLA gather."""
+  mode, _, _, wg_q0, wg_n = tables[:5]
+  g, nt = mode.shape
+  s = shape[1]
+  qr = query_rows.shape[1]
+  r = jnp.arange(BLOCK_Q, dtype=jnp.int32)
+  padded = jnp.minimum(wg_q0[..., None] * chunk + r, qr - 1)  # [G, T, 2, 64]
+  pos = jnp.take_along_axis(query_rows, padded.reshape(g, -1), 1)
+  written = (r < wg_n[..., None]).reshape(g, -1) & (pos >= 0)
+  slot = jnp.broadcast_to(jnp.arange(nt * TILE_Q, dtype=jnp.int32), (g, nt * TILE_Q))
+  gi = jnp.arange(g)[:, None]
+  q_slot = jnp.full((g, s), -1, jnp.int32).at[gi, jnp.where(written, pos, s)].set(
+      slot, mode="drop")  # sorted position -> slot
+  flat = _flat_rows(jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (g, s)), q_index, shape)
+  src = jnp.where(q_slot >= 0, gi * (nt * TILE_Q) + q_slot, -1)
+  # the caller's row flat[g, p] takes sorted position p's slot
+  table = jnp.full((math.prod(shape[:-1]),), -1, jnp.int32).at[flat.reshape(-1)].set(
+      src.reshape(-1))
+  out = out_slots.reshape(-1, out_slots.shape[-1])[jnp.maximum(table, 0)]
+  return jnp.where((table >= 0)[:, None], out, 0)
+
+
 def _clear_uncovered(out, q_sizes, q_index, shape):
   """Zeroes the rows of out [N, D] (q's rows) whose sorted position is in no query cluster:
   no tile writes them. A scatter of the few such rows (usually none), in place."""
@@ -617,7 +651,7 @@ def _clear_uncovered(out, q_sizes, q_index, shape):
 
 
 def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, chunk,
-                   variance=False):
+                   variance=False, slot_output=False):
   """What the kernel computes, warpgroup by warpgroup, in float32 jnp (the CPU check of the
   tables).
 
@@ -626,7 +660,8 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   0), the chunks of its cluster's list that its tile's exact steps visit (a pair tile's
   64-key steps visit half as many per step), padded key rows NaN and masked, compensation
   steps with its cluster's bias row; it writes its first wg_n rows to their q_rows, and
-  every other row is left NaN (the kernel leaves it unwritten). Small sizes only.
+  every other row is left NaN (the kernel leaves it unwritten). slot_output: the slot
+  buffer [G, T * 128, D] instead (every row of every warpgroup). Small sizes only.
   """
   tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
   g, nt = tile_mode.shape
@@ -678,6 +713,8 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   over = lambda f: jax.vmap(lambda gi: jax.vmap(lambda t: jax.vmap(lambda w: f(gi, t, w))(
       jnp.arange(2)))(jnp.arange(nt)))(jnp.arange(g))
   out = over(group).reshape(-1, d)
+  if slot_output:
+    return out.reshape(g, nt * TILE_Q, d)
   dest = over(lambda gi, t, w: group_rows(gi, t, w)[0]).reshape(-1)
   dest = jnp.where(dest >= 0, dest, q_flat.shape[0])
   return jnp.full(q_flat.shape, jnp.nan, jnp.float32).at[dest].set(out, mode="drop")
@@ -685,14 +722,15 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
-    "pair_half_tiles", "sorted_queries",
+    "pair_half_tiles", "sorted_queries", "slot_output",
     "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation, sm_scale: float, q_index=None, kv_index=None,
                           k_variance=None, k_radius=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, pair_half_tiles: bool = True,
-                          sorted_queries: bool = False, emulate: bool = False):
+                          sorted_queries: bool = False, slot_output: bool = False,
+                          emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -709,6 +747,9 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
       CTA, one per warpgroup (False: the second warpgroup of a half tile idles).
     sorted_queries: read the queries from a cluster-sorted padded copy (one TMA copy per
       warpgroup, +1 copy of q in memory) instead of row by row in place; for comparisons.
+    slot_output: write 64-row tiles to a slot buffer that XLA gathers back into the
+      caller's layout (+1 output-sized buffer and a gather) instead of row by row in
+      place; for comparisons.
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -731,7 +772,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
   if not emulate and smem > _SMEM_BYTES:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} with head_dim {d} needs "
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
-  tables, q_in, k_pad, v_pad, statics, _ = prepare_mgpu(
+  tables, q_in, k_pad, v_pad, statics, lay = prepare_mgpu(
       q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
       compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
       half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
@@ -740,9 +781,13 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
       k_radius=k_radius, sm_scale=sm_scale)
   scale = sm_scale * _LOG2E
   if emulate:
-    out = emulate_kernel(tables, q_in, k_pad, v_pad, scale=scale, **statics)
+    out = emulate_kernel(tables, q_in, k_pad, v_pad, scale=scale, slot_output=slot_output,
+                         **statics)
   else:
     out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
-                scale=scale, **statics)
-  out = _clear_uncovered(out, q_sizes, q_index, q.shape)
+                scale=scale, slot_output=slot_output, **statics)
+  if slot_output:
+    out = _from_slots(out, tables, lay["query_rows"], q_index, q.shape, chunk_rows)
+  else:
+    out = _clear_uncovered(out, q_sizes, q_index, q.shape)
   return out.reshape(q.shape).astype(q.dtype)

@@ -96,6 +96,7 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert [x["chunk_rows"] for x in mosaic] == [16, 8] and not [x for x in mosaic if "error" in x]
   assert all(x["max_diff_vs_triton"] < 2e-2 and x["useful_tflops"] > 0 for x in mosaic)
   assert [x["half_tiles"] for x in mosaic] == [True, False]
+  assert [x["slot_output"] for x in mosaic] == [False, True]
   assert mosaic[0]["half_tile_share"] > 0 and mosaic[1]["half_tile_share"] == 0
   probe = [x for x in lines if x["what"] == "probe"]
   assert [x["cluster_splits"] for x in probe] == [1, 3] and not [x for x in probe if "error" in x]

@@ -82,10 +82,13 @@ def _check_tokens_first(p, kw, b, dtype):
   _assert_close(got, _ref(p, kw["compensation"], kw["sm_scale"]), dtype)
 
 
-def test_emulated_kernel_tokens_first_with_permutations():
-  # positions of no query cluster (cover 0.97) map to scattered token rows: zeroed there
+@pytest.mark.parametrize("slots", [False, True])
+def test_emulated_kernel_tokens_first_with_permutations(slots):
+  # positions of no query cluster (cover 0.97) map to scattered token rows: zeroed there;
+  # slots: the slot-buffer output gathered back by XLA (pair tiles included)
   p = _problem(8, g=6, s=200, d=64, kq=5, kk=12)
-  _check_tokens_first(p, dict(compensation=True, sm_scale=0.2, emulate=True), 2, jnp.float32)
+  _check_tokens_first(p, dict(compensation=True, sm_scale=0.2, emulate=True,
+                              slot_output=slots), 2, jnp.float32)
 
 
 @pytest.mark.parametrize("chunk,impl", [(8, "jnp"), (16, "jnp"), (16, "interpret")])
@@ -250,13 +253,14 @@ def test_pipeline_mosaic_matches_triton_kernel():
 @pytest.mark.usefixtures("abstract_h100")
 @pytest.mark.parametrize("chunk,compensation,sorted_q", [(16, True, False), (8, True, False),
                                                          (16, "variance", False),
-                                                         (16, True, True)])
+                                                         (16, True, True), (16, True, "slots")])
 def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, sorted_q):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
   fn = functools.partial(sm.sparse_attention_mgpu, compensation=compensation, sm_scale=0.1,
-                         chunk_rows=chunk, sorted_queries=sorted_q, **_spread(p, compensation))
+                         chunk_rows=chunk, sorted_queries=bool(sorted_q),
+                         slot_output=sorted_q == "slots", **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
@@ -275,18 +279,21 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, sorted_q):
                           ("variance", False, 7, 2, 128, 16, True, True, 1000, 0.5, 2),
                           ("variance", True, 8, 3, 64, 8, True, False, 1000, 0.3, 1),
                           (True, True, 9, 2, 128, 64, True, True, 1001, 0.5, 1),
-                          (True, False, 10, 2, 128, 16, True, True, 1000, 0.5, -2)])
+                          (True, False, 10, 2, 128, 16, True, True, 1000, 0.5, -2),
+                          (True, False, 11, 2, 128, 16, True, True, 1000, 0.5, -3)])
 def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, pair,
                                            s, density, b):
   # kq=9: clusters of ~110 rows at s=1000, so full tiles and half tiles (paired, or with
   # an idle second warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key
   # ring wraps many times within a tile; b=2: tokens-first [2, S, 2, D] read and written in
-  # place through permutations; b=-2: the same, the queries from a sorted copy
-  sorted_q, b = b < 0, abs(b)
+  # place through permutations; b=-2: the same, the queries from a sorted copy; b=-3: and
+  # the output through the slot buffer (b=2 then)
+  sorted_q, slots, b = b < 0, b == -3, min(abs(b), 2)
   p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
                density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
-            pair_half_tiles=pair, sorted_queries=sorted_q, **_spread(p, compensation))
+            pair_half_tiles=pair, sorted_queries=sorted_q, slot_output=slots,
+            **_spread(p, compensation))
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
                               chunk=chunk, half_tiles=half, pair_half_tiles=pair)
   mode = lay["tile_mode"]
