@@ -388,6 +388,22 @@ def _host_bytes() -> Optional[int]:
 _BUILT: Dict[tuple, tuple] = {}  # in-process runs: (family, model, dtype, preset) -> (model, info)
 
 
+def _encode_rows(encode, batches, length, start, tokens, vocab, base, iters, kind, emit):
+  """One timed row per batch size of encode(ids, mask) on [batch, length] random ids: row 0
+  a prompt of 3/16 of `tokens` real tokens, row 1 a negative prompt of 1/4, each after the
+  first `start` (template) tokens. Batch 1 should come first: its peak is then its own."""
+  import jax
+  import jax.numpy as jnp
+
+  for batch in batches:
+    ids = jax.random.randint(jax.random.key(batch), (batch, length), 2, vocab)
+    real = [start + max(1, tokens * 3 // 16), start + max(1, tokens // 4)][:batch]
+    mask = (jnp.arange(length)[None, :] < jnp.asarray(real)[:, None]).astype(jnp.int32)
+    row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
+    row.update(_timed(lambda: encode(ids, mask), iters, kind))
+    emit(row)
+
+
 def run_case(case: Case, smoke: bool, iters: int, emit) -> None:
   """Measures one case, calling emit(row) for each row as soon as it is done. Within one
   process, cases of the same model and dtype share its random weights."""
@@ -480,13 +496,8 @@ def run_case(case: Case, smoke: bool, iters: int, emit) -> None:
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(ids, mask))
     length = shapes["umt5"]["length"]
-    for batch in shapes["umt5"]["batches"]:  # batch 1 first: its peak is then its own
-      ids = jax.random.randint(jax.random.key(batch), (batch, length), 2, cfg.vocab_size)
-      real = [max(1, length * 3 // 16), max(1, length // 4)][:batch]  # prompt, negative
-      mask = (jnp.arange(length)[None, :] < jnp.asarray(real)[:, None]).astype(jnp.int32)
-      row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
-      row.update(_timed(lambda: fwd(state, ids, mask), iters, case.kind))
-      emit(row)
+    _encode_rows(lambda ids, mask: fwd(state, ids, mask), shapes["umt5"]["batches"], length,
+                 0, length, cfg.vocab_size, base, iters, case.kind, emit)
     return
 
   if case.kind == "llama":
@@ -503,13 +514,8 @@ def run_case(case: Case, smoke: bool, iters: int, emit) -> None:
     length = tokens + start  # encode_prompt: template + prompt, then the template cropped
     fwd = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(
         ids, mask, hidden_state_index=LLAMA_HIDDEN_STATE)[:, start:])
-    for batch in shapes["llama"]["batches"]:
-      ids = jax.random.randint(jax.random.key(batch), (batch, length), 2, cfg.vocab_size)
-      real = [start + max(1, tokens * 3 // 16), start + max(1, tokens // 4)][:batch]
-      mask = (jnp.arange(length)[None, :] < jnp.asarray(real)[:, None]).astype(jnp.int32)
-      row = dict(base, op=f"encode-b{batch}", input_shape=[batch, length])
-      row.update(_timed(lambda: fwd(state, ids, mask), iters, case.kind))
-      emit(row)
+    _encode_rows(lambda ids, mask: fwd(state, ids, mask), shapes["llama"]["batches"], length,
+                 start, tokens, cfg.vocab_size, base, iters, case.kind, emit)
     return
 
   if case.kind == "clip":
