@@ -218,8 +218,9 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       # the warpgroup's 64 caller rows (-1: padding) into shared memory; offsets written as
       # (x * chunk): Mosaic must prove the TMA source 16-byte aligned
       q_row = wg_q0_ref[g, t, wg] * chunk
-      plgpu.copy_gmem_to_smem(q_rows_ref.at[g, pl.ds(q_row, BLOCK_Q)], rows, r_bar.at[wg])
-      plgpu.barrier_wait(r_bar.at[wg])
+      if len(q_ref.shape) == 2 or len(out_ref.shape) == 2:  # rows read or written in place
+        plgpu.copy_gmem_to_smem(q_rows_ref.at[g, pl.ds(q_row, BLOCK_Q)], rows, r_bar.at[wg])
+        plgpu.barrier_wait(r_bar.at[wg])
       if len(q_ref.shape) == 3:  # a cluster-sorted padded copy [G, QR, D]: one copy
         plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])

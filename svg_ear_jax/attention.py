@@ -117,23 +117,11 @@ def _masked_dense(qg, kg, vg, key_mask, impl):
   return sparse_attention.sparse_attention_xla(*args, scale=d ** -0.5, compensation=False)
 
 
-def _stage_inputs(q, k, v, impl, n_video):
-  """(q, k, v, num_rows) as `pipeline.cluster` / `route` read them: the tokens-first arrays
-  themselves for "pallas" (its kernels read heads in place, the first n_video rows only),
-  head-major copies of the video rows otherwise."""
-  if impl == "pallas":
-    return q, k, v, n_video
-  return (*(_heads_first(x)[:, :n_video] for x in (q, k, v)), None)
-
-
 def _kmeans_only(q, k, cfg, impl, state, num_dense_tokens, g_mask, groups) -> SvgEarState:
   """The k-means stage alone (routing "dense" with `dense_kmeans`): the next centroids."""
   b, s, h, d = q.shape
   n_video = s - num_dense_tokens
-  if impl == "pallas":
-    qg, kg, rows = q, k, n_video
-  else:
-    qg, kg, rows = _heads_first(q)[:, :n_video], _heads_first(k)[:, :n_video], None
+  (qg, kg), rows = pipeline.stage_inputs(impl, n_video, q, k)
   warm = {}
   if state is not None:
     warm = dict(q_init=state.q_centroids.reshape(b * h, cfg.num_q_clusters, d),
@@ -204,7 +192,7 @@ def svg_ear_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfi
     warm = dict(q_init=state.q_centroids.reshape(b * h, kq_n, d),
                 k_init=state.k_centroids.reshape(b * h, kk_n, d))
   video_mask = None if g_mask is None else g_mask[:, :n_video]
-  *qkv, rows = _stage_inputs(q, k, v, impl, n_video)
+  qkv, rows = pipeline.stage_inputs(impl, n_video, q, k, v)
   clusters = pipeline.cluster(*qkv, cfg, impl, k_mask=video_mask, groups=groups,
                               num_rows=rows, **warm)
   block_map = pipeline.route(*qkv, clusters, cfg, impl, num_rows=rows)

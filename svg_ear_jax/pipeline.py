@@ -118,9 +118,10 @@ def _rows(x: jax.Array, num_rows: Optional[int]) -> int:
   return kmeans.points_shape(x, num_rows)[1]
 
 
-def _head_major(impl, num_rows, *xs):
-  """xs as the stage's implementation reads them: unchanged (with num_rows) for "pallas",
-  else head-major copies of their first num_rows rows (and num_rows None)."""
+def stage_inputs(impl: str, num_rows: Optional[int], *xs: jax.Array):
+  """(xs, num_rows) as `impl` reads them in `cluster` / `route`: unchanged (with num_rows)
+  for "pallas", whose kernels read tokens-first heads in place; else head-major [G, N, D]
+  copies of their first num_rows rows (and num_rows None)."""
   if impl == "pallas":
     return xs, num_rows
   return tuple(kmeans.heads_first(x, num_rows) for x in xs), None
@@ -193,7 +194,7 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     Clusters of the N tokens (labels [G, N]); with the "sorted" update the k-means
     results carry their cluster-sorted order (`perm`), which `route` reuses.
   """
-  (q, k, v), num_rows = _head_major(impl, num_rows, q, k, v)
+  (q, k, v), num_rows = stage_inputs(impl, num_rows, q, k, v)
   n = _rows(q, num_rows)
   q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups, num_rows,
                               kmeans_update)
@@ -262,7 +263,7 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
           num_rows=_rows(k, num_rows), interpret=_interpret(),
           **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
-      (k, v), _ = _head_major(impl, num_rows, k, v)
+      (k, v), _ = stage_inputs(impl, num_rows, k, v)
       log_err = error_probe.error_probe_xla(
           clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,
           clusters.v_centroids, pseudo, scale=scale, chunk_mb=cfg.xla_chunk_mb)
