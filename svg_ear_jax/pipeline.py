@@ -25,10 +25,9 @@ from svg_ear_jax.config import SvgEarConfig
 # The k-means centroid update of the "pallas" implementation (the others use "segment_sum"):
 # "sorted" walks the cluster-sorted order with a Pallas kernel (no atomics) and hands that
 # order on to the later stages; "segment_sum" is the XLA scatter-add (on head-major copies).
-# Read when a call is traced; `cluster(..., kmeans_update=...)` overrides it. "segment_sum"
-# stays the default until "sorted" is timed on a GPU (`python -m benchmarks.breakdown
-# --kmeans-update sorted segment_sum`; tested on CPU only so far).
-KMEANS_UPDATE = "segment_sum"
+# Read when a call is traced; `cluster(..., kmeans_update=...)` overrides it. "sorted" is
+# 2.9 ms faster per Wan 720p call on an H200 (benchmarks/results/breakdown_h200.md).
+KMEANS_UPDATE = "sorted"
 
 
 @jax.tree_util.register_dataclass

@@ -348,16 +348,16 @@ def test_pallas_matches_xla_with_text_tokens_and_padding(compensation, update, m
 
 
 def test_pallas_kmeans_updates_agree():
-  """pipeline.KMEANS_UPDATE: the XLA segment sum (the default) and the sort-based update
+  """pipeline.KMEANS_UPDATE: the sort-based update (the default) and the XLA segment sum
   give the same call up to float rounding."""
   from svg_ear_jax import pipeline
   q, k, v = _qkv(12, b=2, s=200, h=2, d=16, dtype=jnp.bfloat16)
   cfg = SvgEarConfig(num_q_clusters=6, num_k_clusters=16, kmeans_iters=4, density=0.3,
                      implementation="pallas", compensation="mean")
-  assert pipeline.KMEANS_UPDATE == "segment_sum"
+  assert pipeline.KMEANS_UPDATE == "sorted"
   qkv = (q, k, v)
-  sorted_ = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180, kmeans_update="sorted")
-  segment = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180)
+  sorted_ = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180)
+  segment = pipeline.cluster(*qkv, cfg, "pallas", num_rows=180, kmeans_update="segment_sum")
   assert sorted_.k.perm is not None and segment.k.perm is None
   for a, b in ((sorted_.q, segment.q), (sorted_.k, segment.k)):
     np.testing.assert_array_equal(np.asarray(a.labels), np.asarray(b.labels))
