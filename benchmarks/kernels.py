@@ -1,6 +1,7 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
   python -m benchmarks.kernels [sweep|inputs|mosaic|probe|assign|smoke] [budget_s]
+  python -m benchmarks.kernels profile [shipped|split|chunk8_split|sorted|dense]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -12,11 +13,15 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           heads-first [G, S, D] vs tokens-first [B, S, H, D] (no transposes).
   mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with half tiles paired, with
           idle second warpgroups or without half tiles, queries read in place or from a
-          sorted copy, outputs written in place or to a slot buffer, vs the Triton kernel.
+          sorted copy, outputs written in place or to a slot buffer, one or two producer
+          warpgroups, vs the Triton kernel.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
           centroids of 10 k-means iterations (Q: Kq = 300, K: Kk = 1000).
+  profile: three calls of one kernel alone (a Mosaic variant on prepared tables, or jax's
+          dense Mosaic flash attention on the same shape), for Nsight Compute:
+          benchmarks/profile_ncu.sh.
   smoke:  CPU interpret-mode run of the other modes on tiny shapes (checks this script).
 """
 
@@ -225,9 +230,10 @@ def inputs(configs, budget_end, problem=None, interpret=False):
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
-  Per (chunk size, half_tiles, pair_half_tiles, sorted_queries, slot_output): the kernel
-  alone on prepared tables, the whole call (padded copies of K / V, tables, kernel, and
-  the gather of a slot-buffer output), useful TFLOP/s (exact area) and visited TFLOP/s
+  Per (chunk size, half_tiles, pair_half_tiles, sorted_queries, slot_output,
+  split_producers): the kernel alone on prepared tables, the whole call (padded copies of
+  K / V, tables, kernel, and the gather of a slot-buffer output), useful TFLOP/s (exact
+  area) and visited TFLOP/s
   (every exact key slot the computing warpgroups visit, padding included), and the largest
   difference from the Triton output. `emulate` (CPU smoke run): the kernel's jnp
   emulation, Triton in interpret mode.
@@ -244,9 +250,9 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
-  for chunk, half, pair, sorted_q, slots in chunks:
+  for chunk, half, pair, sorted_q, slots, split in chunks:
     tag = dict(chunk_rows=chunk, half_tiles=half, pair_half_tiles=pair,
-               sorted_queries=sorted_q, slot_output=slots)
+               sorted_queries=sorted_q, slot_output=slots, split_producers=split)
     if time.time() > budget_end:
       emit(what="skipped", **tag)
       continue
@@ -254,7 +260,8 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       whole = jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
                                         sm_scale=scale, chunk_rows=chunk, half_tiles=half,
                                         pair_half_tiles=pair, sorted_queries=sorted_q,
-                                        slot_output=slots, emulate=emulate))
+                                        slot_output=slots, split_producers=split,
+                                        emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
       prep = jax.jit(lambda *a: sm.prepare_mgpu(
@@ -268,7 +275,7 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
                                  slot_output=slots, **statics)
       else:
         kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
-                                 slot_output=slots, **statics)
+                                 slot_output=slots, split_producers=split, **statics)
       ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
       mode, exact = tables[:2]
       n_half = jnp.sum(mode == sm.MODE_HALF) + 2 * jnp.sum(mode == sm.MODE_PAIR)
@@ -284,6 +291,51 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
            mem_gb=timing.compiled_memory_gb(whole, *args), timing=how)
     except Exception as e:  # report and go on
       emit(what="mosaic", **tag, error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped defaults elsewhere)
+    "shipped": {}, "split": dict(split_producers=True),
+    "chunk8_split": dict(chunk_rows=8, split_producers=True),
+    "sorted": dict(sorted_queries=True, slot_output=True),
+}
+
+
+def profile(variant, problem=None, calls=3):
+  """For Nsight Compute (benchmarks/profile_ncu.sh): `calls` runs of one kernel on the
+  kernel benchmark's problem, nothing else on the GPU between them but its tables.
+  variant: a PROFILE_VARIANTS name (the Mosaic sparse kernel alone on prepared tables) or
+  "dense" (jax's dense Mosaic flash attention, block_q 64 / block_kv 128 / 2 steps, f16,
+  on the problem's shape: the ceiling the kernel is compared with)."""
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  scale = d ** -0.5
+  if variant == "dense":
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+    s_pad = -(-s // 128) * 128  # its grid needs whole blocks
+    # f16: its shared-memory buffers are hard-coded float16 (jax 0.11.2)
+    q = jnp.pad(args[0], ((0, 0), (0, s_pad - s), (0, 0))).transpose(1, 0, 2)[None]
+    q = q.astype(jnp.float16)
+    fn = jax.jit(functools.partial(attention_mgpu.attention, config=cfg))
+    operands, flops = (q, q, q), 4 * d * s_pad * s_pad * g
+  else:
+    opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
+                   split_producers=False), **PROFILE_VARIANTS[variant]}
+    chunk = opts["chunk_rows"]
+    tables, qp, kp, vp = jax.jit(lambda *a: sm.prepare_mgpu(
+        *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
+        sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
+    statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
+    fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
+                                   slot_output=opts["slot_output"],
+                                   split_producers=opts["split_producers"], **statics))
+    operands, flops = (tables, qp, kp, vp), 4 * d * area
+  jax.block_until_ready(operands)
+  for i in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*operands))
+    ms = (time.perf_counter() - t0) * 1e3
+    emit(what="profile", variant=variant, call=i, wall_ms=ms, tflops=flops / ms / 1e9)
 
 
 PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)
@@ -376,7 +428,7 @@ INPUT_CONFIGS = [
 
 def main():
   mode = sys.argv[1] if len(sys.argv) > 1 else "sweep"
-  budget = float(sys.argv[2]) if len(sys.argv) > 2 else 300.0
+  budget = float(sys.argv[2]) if len(sys.argv) > 2 and mode != "profile" else 300.0
   start = time.time()
   emit(what="env", jax=jax.__version__, devices=[str(x) for x in jax.devices()])
   if mode == "sweep":
@@ -387,11 +439,14 @@ def main():
   elif mode == "inputs":
     inputs([dict(c) for c in INPUT_CONFIGS], start + budget)
   elif mode == "mosaic":
-    # (chunk rows, half tiles, paired, sorted Q copy, slot-buffer output)
-    mosaic([(16, True, True, False, False), (16, True, True, True, False),
-            (16, True, True, True, True), (16, True, False, False, False),
-            (16, False, False, False, False), (8, True, True, False, False),
-            (32, True, True, False, False)], start + budget)
+    # (chunk rows, half tiles, paired, sorted Q copy, slot-buffer output, split producers)
+    mosaic([(16, True, True, False, False, False), (16, True, True, False, False, True),
+            (8, True, True, False, False, True), (16, True, True, True, False, False),
+            (16, True, True, True, True, False), (16, True, False, False, False, False),
+            (16, False, False, False, False, False), (8, True, True, False, False, False),
+            (32, True, True, False, False, False)], start + budget)
+  elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
+    profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
   elif mode == "probe":
     probe(PROBE_CONFIGS, start + budget)
   elif mode == "assign":
@@ -402,8 +457,8 @@ def main():
     problem = dict(g=2, s=600, d=32, kq=6, kk=20)
     attention(small, start + budget, interpret=True, problem=problem)
     inputs(small[:1], start + budget, problem=problem, interpret=True)
-    mosaic([(16, True, True, False, False), (8, False, False, False, True)], start + budget,
-           problem=problem, emulate=True)
+    mosaic([(16, True, True, False, False, False), (8, False, False, False, True, True)],
+           start + budget, problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
     assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),

@@ -24,6 +24,7 @@ is placed.
 """
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -456,7 +457,12 @@ class Denoiser:
                              dense=dense, guidance_scale=g, graph=ex.last_kind)
     for name, ex in self.experts.items():
       ex.write_back(branch_used.get(name))
-    return LoopResult(latents=latents, records=tuple(log.finish()))
+    records = tuple(log.finish())
+    message = sampling.density_overshoot(
+        records, {name: ex.model.attention_policy.svg_ear for name, ex in self.experts.items()})
+    if message is not None:
+      warnings.warn(message, sampling.DensityBudgetWarning, stacklevel=3)
+    return LoopResult(latents=latents, records=records)
 
 
   def run_timed(self, watch, *args, **kwargs) -> LoopResult:

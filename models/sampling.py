@@ -4,14 +4,15 @@
   `first_times_fp` warm-up) and what happens to the k-means state at a Wan expert switch.
 - Classifier-free guidance as one DiT batch of 2: `cfg_concat` / `cfg_split` / `cfg_combine`.
 - `StepRecord` / `StepLog`: per-step timing, dense-or-sparse flag and attention density,
-  with an optional tqdm progress bar and a per-step user callback.
+  with an optional tqdm progress bar and a per-step user callback; `density_overshoot`:
+  the warning when sparse steps route far above a fixed density budget.
 - `check_*` helpers: input validation with clear errors, before any device work.
 """
 
 import dataclasses
 import math
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,50 @@ class StepLog:
       else:
         records.append(StepRecord(seconds=math.nan, density=float(density), **item))
     return records
+
+
+class DensityBudgetWarning(UserWarning):
+  """Sparse steps routed well above their fixed density budget (see `density_overshoot`)."""
+
+
+# Above this ratio of routed density to a fixed budget a loop warns. The greedy fill may
+# overshoot by its last block (a few percent at the presets' cluster counts); far above it,
+# the always-exact clusters alone exceed the budget.
+DENSITY_OVERSHOOT = 1.25
+
+
+def density_overshoot(records: Sequence[StepRecord], configs: Mapping[str, Any],
+                      factor: float = DENSITY_OVERSHOOT) -> Optional[str]:
+  """Why sparse steps of a loop routed far above their fixed density budget, or None.
+
+  `configs` maps an expert's name to its sparse layers' `SvgEarConfig` (None: dense, or
+  no such expert). Only fixed-density budgets (`density` set) are checked: a top-p
+  budget has no target. Two things route above a fixed budget: the `min_kc_ratio` floor
+  (per query cluster the `num_guaranteed` most probable key clusters are exact whatever the
+  budget, as in the reference) and the greedy fill's last block (one key cluster's area);
+  with unbalanced key clusters (a cold or a carried k-means start) or few of them they
+  can exceed it by far. The output is not worse for it (more is computed exactly, not
+  less), but the speed is not the budget's.
+  """
+  over = []  # (ratio, record, budget, config) of the steps above factor x their budget
+  for r in records:
+    cfg = configs.get(r.expert)
+    budget = getattr(cfg, "density", None)
+    if r.dense or budget is None or not budget < 1.0 or not math.isfinite(r.density):
+      continue
+    if r.density > factor * budget:
+      over.append((r.density / budget, r, budget, cfg))
+  if not over:
+    return None
+  _, r, budget, cfg = max(over, key=lambda x: x[0])
+  return (f"{len(over)} sparse step(s) routed above {factor:g}x their density budget: step "
+          f"{r.index} ({r.expert}) computed {r.density:.3f} of the attention exactly for a "
+          f"budget of {budget:g}. Per query cluster the {cfg.num_guaranteed} most probable of "
+          f"{cfg.num_k_clusters} key clusters are always exact (min_kc_ratio="
+          f"{cfg.min_kc_ratio:g}) and the greedy fill's last block may overshoot by one key "
+          f"cluster's area: with few or unbalanced key clusters these exceed the budget. "
+          f"Lower min_kc_ratio, use more key clusters, or give k-means more iterations "
+          f"(kmeans_iters / kmeans_iters_warm) or a warm start, to get the budgeted speed.")
 
 
 # ------------------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   `sorted_queries=True` reads a sorted padded copy of Q (one copy per warpgroup) and
   `slot_output=True` writes 64-row tiles to a slot buffer that XLA gathers back (the
   first version's data path, with pairing).
+- One producer warpgroup issues a key step's 2 x 128 / chunk_rows TMA copies (keys and
+  values), which is what held the visited rate under the dense kernel's on the H100
+  (64-row chunks came within 1% of it; benchmarks/results/kernels_h100.md).
+  `split_producers=True` (not yet timed) gives keys and values a producer warpgroup each
+  (2 x 232 + 2 x 24 registers per thread slot) to halve each one's issue work.
 - The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
   not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
   only the last wave's imbalance (< 1% of the call) could be won back.
@@ -88,13 +93,15 @@ def on_hopper() -> bool:
 
 def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_ref,
             bias_ref, q_rows_ref, q_ref, k_ref, v_ref, out_ref, scoped, *, num_comp,
-            comp_base, max_steps, mcs, scale, dtype, chunk, variance):
+            comp_base, max_steps, mcs, scale, dtype, chunk, variance, split_producers):
   """One CTA = one query tile (head g, tile t); warpgroups 0, 1 compute 64 rows each,
   warpgroup 2 streams the key steps (exact chunk steps, then compensation steps) through
-  an `mcs`-deep shared-memory ring. In a pair tile the two warpgroups serve two query
-  clusters: each exact step's slot holds 64 keys of each one's chunk list (rows 0..63 for
-  warpgroup 0, 64..127 for 1). Tables as in `sparse_layout_mgpu`; q_ref and out_ref are
-  the caller's rows flattened to [N, D], addressed through q_rows_ref."""
+  an `mcs`-deep shared-memory ring (split_producers: warpgroup 2 the keys and bias rows,
+  warpgroup 3 the values, each issuing half of a step's TMA copies). In a pair tile the
+  two warpgroups serve two query clusters: each exact step's slot holds 64 keys of each
+  one's chunk list (rows 0..63 for warpgroup 0, 64..127 for 1). Tables as in
+  `sparse_layout_mgpu`; q_ref and out_ref are the caller's rows flattened to [N, D],
+  addressed through q_rows_ref."""
   per_step = BLOCK_K // chunk
   half_step = per_step // 2  # chunks per warpgroup in a pair tile's exact step
   ((qo_smem2, stage2, rows2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar, r_bar),
@@ -272,9 +279,10 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
     pl.when(live & busy & ~pair)(functools.partial(compute, False))
     pl.when(live & busy & pair)(functools.partial(compute, True))
 
-  @pl.when(wg == 2)
+  @pl.when(wg >= 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    # 2 x 232 + 40 = 3 x 168 registers per thread slot, or 2 x 232 + 2 x 24 = 4 x 128
+    plgpu.set_max_registers(24 if split_producers else 40, action="decrease")
 
     c0 = jnp.maximum(wg_c_ref[g, t, 0], 0)
     c1 = jnp.maximum(wg_c_ref[g, t, 1], 0)  # = c0 but in a pair tile
@@ -308,32 +316,42 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
         plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, chunk)],
                                 v_smem.at[slot, pl.ds(j * chunk, chunk)], v_bar.at[slot])
 
-    @pl.when(live)
-    def _():
+    def produce(keys, values):
       for s in range(mcs):
         @pl.when(s < n_steps)
         def _():
           exact, rows = sources(jnp.int32(s))
-          issue_k(jnp.int32(s), s, exact, rows)
-          issue_v(s, rows)
+          if keys:
+            issue_k(jnp.int32(s), s, exact, rows)
+          if values:
+            issue_v(s, rows)
 
       @pl.loop(0, jnp.maximum(n_steps - mcs, 0))
       def _(i):
         step = i + mcs
         slot = lax.rem(i, jnp.int32(mcs))
         exact, rows = sources(step)  # loads issued before the wait hide their latency
-        plgpu.barrier_wait(k_used.at[slot])
-        issue_k(step, slot, exact, rows)
-        plgpu.barrier_wait(v_used.at[slot])
-        issue_v(slot, rows)
+        if keys:
+          plgpu.barrier_wait(k_used.at[slot])
+          issue_k(step, slot, exact, rows)
+        if values:
+          plgpu.barrier_wait(v_used.at[slot])
+          issue_v(slot, rows)
+
+    if split_producers:
+      pl.when(live & (wg == 2))(functools.partial(produce, True, False))
+      pl.when(live & (wg == 3))(functools.partial(produce, False, True))
+    else:
+      pl.when(live)(functools.partial(produce, True, True))
 
 
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
-          variance=False, slot_output=False):
+          variance=False, slot_output=False, split_producers=False):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
   (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
-  slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them)."""
+  slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them).
+  split_producers: two producer warpgroups (keys, values) instead of one."""
   per_step = BLOCK_K // chunk
   tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
   g, num_tiles = tile_mode.shape
@@ -363,7 +381,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
     pl.run_scoped(
         lambda *scoped: _kernel(*refs, scoped, num_comp=num_comp, comp_base=comp_base,
                                 max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype,
-                                chunk=chunk, variance=variance),
+                                chunk=chunk, variance=variance,
+                                split_producers=split_producers),
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   return plgpu.kernel(
@@ -372,7 +391,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
       # the last grid axis varies fastest: the CTAs in flight share one head's keys and
       # values (~40 MB at Wan 720p, L2-resident); heads innermost thrashed L2 (101.7 ms
       # vs 80.0 ms on the kernel benchmark's problem)
-      grid=(g, num_tiles), grid_names=("head", "tile"), num_threads=3, thread_name="wg",
+      grid=(g, num_tiles), grid_names=("head", "tile"),
+      num_threads=4 if split_producers else 3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows, q_in, k_pad, v_pad)
 
@@ -723,7 +743,7 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
-    "pair_half_tiles", "sorted_queries", "slot_output",
+    "pair_half_tiles", "sorted_queries", "slot_output", "split_producers",
     "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation, sm_scale: float, q_index=None, kv_index=None,
@@ -731,7 +751,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, pair_half_tiles: bool = True,
                           sorted_queries: bool = False, slot_output: bool = False,
-                          emulate: bool = False):
+                          split_producers: bool = False, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -751,6 +771,9 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     slot_output: write 64-row tiles to a slot buffer that XLA gathers back into the
       caller's layout (+1 output-sized buffer and a gather) instead of row by row in
       place; for comparisons.
+    split_producers: stream keys and values from two producer warpgroups (each issues
+      half of a key step's TMA copies; 24 registers each) instead of one; for timing
+      whether the copies' issue rate limits the key steps.
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -786,7 +809,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
                          **statics)
   else:
     out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
-                scale=scale, slot_output=slot_output, **statics)
+                scale=scale, slot_output=slot_output, split_producers=split_producers,
+                **statics)
   if slot_output:
     out = _from_slots(out, tables, lay["query_rows"], q_index, q.shape, chunk_rows)
   else:

@@ -1,10 +1,10 @@
 """Mosaic GPU sparse-attention kernel (pallas_kernels.sparse_attention_mgpu).
 
 On CPU: its tables and data path (padded sorted copies, NaN padding keys, chunk lists,
-compensation bias rows, output rows written in the caller's layout) through `emulate_kernel` against the float32
-token-level reference, and the Pallas -> Mosaic GPU lowering for CUDA (jax >= 0.11; the
-layout inference that rejects unaligned TMA rows runs there). On a Hopper GPU: the compiled
-kernel against the same reference.
+compensation bias rows, output rows written in the caller's layout) through
+`emulate_kernel` against the float32 token-level reference, and the Pallas -> Mosaic GPU
+lowering for CUDA (jax >= 0.11; the layout inference that rejects unaligned TMA rows runs
+there). On a Hopper GPU: the compiled kernel against the same reference.
 """
 
 import functools
@@ -251,16 +251,19 @@ def test_pipeline_mosaic_matches_triton_kernel():
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
 @pytest.mark.usefixtures("abstract_h100")
-@pytest.mark.parametrize("chunk,compensation,sorted_q", [(16, True, False), (8, True, False),
-                                                         (16, "variance", False),
-                                                         (16, True, True), (16, True, "slots")])
-def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, sorted_q):
+@pytest.mark.parametrize("chunk,compensation,variant", [(16, True, None), (8, True, None),
+                                                        (16, "variance", None),
+                                                        (16, True, "sorted"), (16, True, "slots"),
+                                                        (16, True, "split"),
+                                                        (8, "variance", "split")])
+def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
   fn = functools.partial(sm.sparse_attention_mgpu, compensation=compensation, sm_scale=0.1,
-                         chunk_rows=chunk, sorted_queries=bool(sorted_q),
-                         slot_output=sorted_q == "slots", **_spread(p, compensation))
+                         chunk_rows=chunk, sorted_queries=variant in ("sorted", "slots"),
+                         slot_output=variant == "slots", split_producers=variant == "split",
+                         **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
@@ -280,20 +283,24 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, sorted_q):
                           ("variance", True, 8, 3, 64, 8, True, False, 1000, 0.3, 1),
                           (True, True, 9, 2, 128, 64, True, True, 1001, 0.5, 1),
                           (True, False, 10, 2, 128, 16, True, True, 1000, 0.5, -2),
-                          (True, False, 11, 2, 128, 16, True, True, 1000, 0.5, -3)])
+                          (True, False, 11, 2, 128, 16, True, True, 1000, 0.5, -3),
+                          (True, False, 12, 2, 128, 16, True, True, 4096, 0.9, 3),
+                          ("variance", True, 13, 3, 64, 8, True, False, 1000, 0.3, 3)])
 def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, pair,
                                            s, density, b):
   # kq=9: clusters of ~110 rows at s=1000, so full tiles and half tiles (paired, or with
   # an idle second warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key
   # ring wraps many times within a tile; b=2: tokens-first [2, S, 2, D] read and written in
   # place through permutations; b=-2: the same, the queries from a sorted copy; b=-3: and
-  # the output through the slot buffer (b=2 then)
-  sorted_q, slots, b = b < 0, b == -3, min(abs(b), 2)
+  # the output through the slot buffer (b=2 then); b=3: B = 1 with two producer
+  # warpgroups (split_producers)
+  sorted_q, slots, split = b < 0, b == -3, b == 3
+  b = 1 if split else min(abs(b), 2)
   p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
                density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
             pair_half_tiles=pair, sorted_queries=sorted_q, slot_output=slots,
-            **_spread(p, compensation))
+            split_producers=split, **_spread(p, compensation))
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
                               chunk=chunk, half_tiles=half, pair_half_tiles=pair)
   mode = lay["tile_mode"]

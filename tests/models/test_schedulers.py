@@ -17,6 +17,12 @@ from models.schedulers import (FlowMatchEulerScheduler, UniPCFlowScheduler,
 
 SHAPE = (1, 4, 3, 4, 5)
 SAMPLE_RTOL = 2e-6
+# Order 3 solves 2 x 2 / 3 x 3 float32 systems per step (np.linalg.solve here, torch's there):
+# LAPACK builds round them an ulp apart depending on the CPU (within 2e-6 on the machine the
+# test was written on; 7.9e-6 at 40 steps on an AMD EPYC, where a float64 run of both
+# loops differs by the same 7.4e-6, so it is not the samples' dtype), and the multistep
+# amplifies that over the steps.
+SAMPLE_RTOL_ORDER3 = 2e-5
 WAN_FLOW = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
 
 # One jitted step per scheduler for the whole file: configs differ only in the schedule.
@@ -117,7 +123,8 @@ def test_unipc_options_match_diffusers(options, n):
   np.testing.assert_array_equal(schedule.timesteps, theirs.timesteps.numpy())
   np.testing.assert_array_equal(schedule.sigmas, theirs.sigmas.numpy())
   errors, _, _ = _compare_loops(ours, schedule, theirs, UNIPC_STEP, n)
-  assert max(errors) < SAMPLE_RTOL, errors
+  rtol = SAMPLE_RTOL_ORDER3 if options.get("solver_order") == 3 else SAMPLE_RTOL
+  assert max(errors) < rtol, errors
 
 
 def test_unipc_custom_sigmas_match_diffusers():

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from models.attention import AttentionPolicy
+from models import sampling
 from models.sampling import SvgEarSchedule
 from models.schedulers import UniPCFlowScheduler
 from models.wan.pipeline import WanPipeline
@@ -339,3 +340,34 @@ def test_schedule_counts():
   assert SvgEarSchedule(dense_steps=3).dense_flags(5) == (True, True, True, False, False)
   assert SvgEarSchedule(dense_steps=9).num_dense(5) == 5
   assert SvgEarSchedule.dense().num_dense(7) == 7 and SvgEarSchedule.sparse().num_dense(7) == 0
+
+
+def _record(index, density, dense=False, expert="transformer"):
+  return sampling.StepRecord(index=index, timestep=999.0 - index, expert=expert, dense=dense,
+                             guidance_scale=5.0, seconds=0.1, density=density)
+
+
+def test_density_overshoot_message():
+  fixed = SvgEarConfig(num_q_clusters=4, num_k_clusters=40, density=0.1, min_kc_ratio=0.1)
+  records = [_record(0, 1.0, dense=True), _record(1, 0.31), _record(2, 0.12), _record(3, 0.26),
+             _record(4, 0.9, expert="transformer_2")]
+  msg = sampling.density_overshoot(records, {"transformer": fixed, "transformer_2": None})
+  # steps 1 and 3 (> 1.25 x 0.1); the dense step and the dense expert are not checked
+  assert msg.startswith("2 sparse step(s)") and "step 1 (transformer) computed 0.310" in msg
+  assert "the 4 most probable of 40 key clusters" in msg and "min_kc_ratio=0.1" in msg
+  assert sampling.density_overshoot(records[:3], {"transformer": fixed}, factor=4.0) is None
+  top_p = fixed.replace(density=None, top_p=0.5)  # a top-p budget has no target
+  assert sampling.density_overshoot(records, {"transformer": top_p}) is None
+  assert sampling.density_overshoot([_record(0, float("nan"))], {"transformer": fixed}) is None
+
+
+def test_pipeline_warns_when_routing_exceeds_a_fixed_budget():
+  # 8 key clusters of ~4 tokens, half of them always exact: about 0.5 routed for 0.1
+  over = SvgEarConfig(num_q_clusters=4, num_k_clusters=8, kmeans_iters=3, kmeans_iters_warm=1,
+                      density=0.1, min_kc_ratio=0.5, implementation="xla")
+  pipe = _jax_pipeline(attention=AttentionPolicy.sparse(over), two_experts=False)
+  lat, pe, ne = _inputs(seed=7)
+  with pytest.warns(sampling.DensityBudgetWarning, match="always exact") as caught:
+    out = _run(pipe, lat, pe, ne, schedule=SvgEarSchedule.sparse(), num_inference_steps=2,
+               timings=False)
+  assert len(caught) == 1 and np.all(out.step_density > 0.125)
