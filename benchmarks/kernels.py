@@ -2,6 +2,7 @@
 
   python -m benchmarks.kernels [sweep|inputs|mosaic|probe|assign|smoke] [budget_s]
   python -m benchmarks.kernels profile [shipped|split|chunk8_split|sorted|dense]
+  python -m benchmarks.kernels trace [shipped|split|chunk8_split|sorted ...]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -22,6 +23,9 @@ measurement (also appended to $OUT/gpu_log.jsonl).
   profile: three calls of one kernel alone (a Mosaic variant on prepared tables, or jax's
           dense Mosaic flash attention on the same shape), for Nsight Compute:
           benchmarks/profile_ncu.sh.
+  trace:  Mosaic GPU's in-kernel profiler over the sparse kernel's named scopes (waits on
+          the key ring, QK^T, softmax, PV, query loads, output stores; the producer's
+          waits and copies) on 1 head of the problem, summed per warpgroup role.
   smoke:  CPU interpret-mode run of the other modes on tiny shapes (checks this script).
 """
 
@@ -338,6 +342,96 @@ def profile(variant, problem=None, calls=3):
     emit(what="profile", variant=variant, call=i, wall_ms=ms, tflops=flops / ms / 1e9)
 
 
+def summarize_trace(trace, warpgroups, space=None):
+  """Sums a Mosaic GPU profiler trace (Chrome JSON: "B"/"E" events per thread id
+  1 + warpgroup + warpgroups * CTA) per warpgroup role and scope name.
+
+  Returns {role: {"ctas": n, "span": mean CTA span, "ranges": mean ranges per CTA,
+  "full": share of CTAs with `space` ranges or more (a bounds-checked trace that was cut
+  short), "scopes": {name: {"total": mean time per CTA, "share": of the span, "count":
+  mean ranges per CTA}}, "unscoped": share}} with
+  times in the trace's units; roles "consumer 0", "consumer 1", "producer" (and
+  "producer 1" with split producers). Nested ranges count in their own name only
+  (exclusive time), so the shares of a role add up to at most 1.
+  """
+  per_tid = {}
+  for ev in trace["traceEvents"]:
+    per_tid.setdefault(ev["tid"], []).append(ev)
+  roles = ["consumer 0", "consumer 1", "producer", "producer 1"][:warpgroups]
+  acc = {r: {"ctas": 0, "span": 0.0, "ranges": 0, "full": 0, "scopes": {}} for r in roles}
+  for tid, events in per_tid.items():
+    role = roles[(tid - 1) % warpgroups]
+    # a thread's events in time order, a range's end before the next one's start
+    events = sorted(events, key=lambda e: (e["ts"], e["ph"] == "B"))
+    stack, span = [], events[-1]["ts"] - events[0]["ts"]
+    out = acc[role]
+    out["ctas"] += 1
+    out["span"] += span
+    begins = sum(ev["ph"] == "B" for ev in events)
+    out["ranges"] += begins
+    out["full"] += space is not None and begins >= space
+    last = events[0]["ts"]
+    for ev in events:
+      if stack:  # time since the last event belongs to the innermost open scope
+        s = out["scopes"].setdefault(stack[-1], {"total": 0.0, "count": 0})
+        s["total"] += ev["ts"] - last
+      last = ev["ts"]
+      if ev["ph"] == "B":
+        stack.append(ev["name"])
+        out["scopes"].setdefault(ev["name"], {"total": 0.0, "count": 0})["count"] += 1
+      elif ev["name"] in stack:
+        del stack[len(stack) - 1 - stack[::-1].index(ev["name"])]
+  summary = {}
+  for role, out in acc.items():
+    n = out["ctas"]
+    if not n:
+      continue
+    span = out["span"] / n
+    scopes = {name: {"total": s["total"] / n, "share": s["total"] / n / span if span else 0.0,
+                     "count": s["count"] / n}
+              for name, s in sorted(out["scopes"].items(), key=lambda kv: -kv[1]["total"])}
+    summary[role] = {"ctas": n, "span": span, "ranges": out["ranges"] / n,
+                     "full": out["full"] / n, "scopes": scopes,
+                     "unscoped": 1.0 - sum(s["share"] for s in scopes.values())}
+  return summary
+
+
+def trace(variant, heads=1, problem=None):
+  """The in-kernel profile of one call (Mosaic GPU's profiler over the kernel's named
+  scopes), on `heads` heads of the Wan 720p kernel problem (the trace holds every CTA's
+  ranges: ~700 CTAs per head, so one head by default: its keys and values fit in L2,
+  unlike the 40 heads' of a real call), summed up per warpgroup role and scope
+  (`summarize_trace`). The profiler keeps its events in the shared memory the kernel
+  leaves (~600 ranges per warpgroup): each CTA's trace covers its prologue and first
+  ~70 key steps ("full" says how many were cut short). The trace file is deleted."""
+  import glob
+  import tempfile
+  args, area = wan_problem(**{"g": heads, **(problem or {})})
+  g, s, d = args[0].shape
+  opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
+                 split_producers=False), **PROFILE_VARIANTS[variant]}
+  chunk = opts["chunk_rows"]
+  tables, qp, kp, vp = jax.jit(lambda *a: sm.prepare_mgpu(
+      *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
+      sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
+  statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
+  with tempfile.TemporaryDirectory() as tmp:
+    fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=d ** -0.5 * sm._LOG2E,
+                                   slot_output=opts["slot_output"],
+                                   split_producers=opts["split_producers"], profile_dir=tmp,
+                                   **statics))
+    jax.block_until_ready(fn(tables, qp, kp, vp))
+    jax.effects_barrier()  # the trace is written by a host callback
+    files = sorted(glob.glob(os.path.join(tmp, "*-trace.json")))
+    with open(files[-1]) as f:
+      data = json.load(f)
+  warpgroups = 4 if opts["split_producers"] else 3
+  space = sm.profile_ranges(d, 2, args[0].dtype.itemsize, warpgroups)
+  emit(what="trace", variant=variant, heads=g, tiles=int(tables[0].shape[1]),
+       profile_space=space, events=len(data["traceEvents"]),
+       summary=summarize_trace(data, warpgroups, space))
+
+
 PROBE_CONFIGS = [  # (block_qc, block_k, cluster_splits, num_warps)
     (64, 32, 1, 4), (64, 32, 4, 4), (64, 32, 8, 4), (64, 32, 16, 4), (64, 32, 32, 4),
     (32, 32, 8, 4), (32, 32, 16, 4), (64, 16, 16, 4), (64, 64, 16, 4), (64, 32, 16, 8)]
@@ -428,7 +522,8 @@ INPUT_CONFIGS = [
 
 def main():
   mode = sys.argv[1] if len(sys.argv) > 1 else "sweep"
-  budget = float(sys.argv[2]) if len(sys.argv) > 2 and mode != "profile" else 300.0
+  budget = (float(sys.argv[2]) if len(sys.argv) > 2 and mode not in ("profile", "trace")
+            else 300.0)
   start = time.time()
   emit(what="env", jax=jax.__version__, devices=[str(x) for x in jax.devices()])
   if mode == "sweep":
@@ -447,6 +542,9 @@ def main():
             (32, True, True, False, False, False)], start + budget)
   elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
     profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
+  elif mode == "trace":  # python -m benchmarks.kernels trace VARIANT...
+    for variant in sys.argv[2:] or ["shipped"]:
+      trace(variant)
   elif mode == "probe":
     probe(PROBE_CONFIGS, start + budget)
   elif mode == "assign":

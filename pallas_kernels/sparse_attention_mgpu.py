@@ -73,7 +73,8 @@ from pallas_kernels import chunk_list, common
 # (fewer copies per step outweigh ~5% more padding); without compensation 8 -> 80.0 ms and
 # 64 -> 91.9 ms (padding dominates).
 CHUNK = 16
-_SMEM_BYTES = 232448 - 4096  # H100 per-block limit, less barriers and alignment
+_SMEM_LIMIT = 232448  # H100 / H200 per-block shared memory
+_SMEM_BYTES = _SMEM_LIMIT - 4096  # less barriers and alignment
 BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
 TILE_Q = 2 * BLOCK_Q
 BLOCK_K = 128  # key slots per pipeline step
@@ -115,9 +116,15 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
   n_exact = tile_exact_ref[g, t]
   n_steps = n_exact + num_comp
 
+  # jax.named_scope: the ranges of the in-kernel profiler (`_call(profile_dir=...)`,
+  # benchmarks/kernels.py trace); no code without it. Scopes hold straight-line code only
+  # (a scope around a cond or loop would open again inside it).
+  scope = jax.named_scope
+
   def schedule_barrier():
     plgpu.barrier_arrive(sched)
-    plgpu.barrier_wait(sched)
+    with scope("pingpong"):
+      plgpu.barrier_wait(sched)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -127,7 +134,8 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
     def wait_k(i):
       @pl.when(i < n_steps)
       def _():
-        plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
+        with scope("wait_k"):
+          plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
 
     def step(i, carry, comp, qo, q_sq=None, split=False):
       """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
@@ -147,54 +155,64 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
         acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
         if not (comp and variance):
           def compute_qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
+            with scope("qk_issue"):
+              plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
             schedule_barrier()
-            return acc_ref[...]
+            with scope("qk_wait"):
+              return acc_ref[...]
 
           qk = pl.run_scoped(compute_qk, acc_type)
         else:
           def compute_qk(acc_ref, second_ref):
-            plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
-            plgpu.wgmma(second_ref, q_sq[0],
-                        k_smem.at[slot, pl.ds(HALF_K, HALF_K)].transpose((1, 0)))
+            with scope("qk_issue"):
+              plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
+              plgpu.wgmma(second_ref, q_sq[0],
+                          k_smem.at[slot, pl.ds(HALF_K, HALF_K)].transpose((1, 0)))
             schedule_barrier()
-            return acc_ref[...], second_ref[...]
+            with scope("qk_wait"):
+              return acc_ref[...], second_ref[...]
 
           qk, second = pl.run_scoped(compute_qk, acc_type, acc_type)
       if comp:
-        plgpu.barrier_wait(b_bar.at[slot])
+        with scope("wait_bias"):
+          plgpu.barrier_wait(b_bar.at[slot])
       if qo is not None:
         row_vec = plgpu.Layout.WGMMA.reduce(0)
-        if comp and variance:
-          bias = plgpu.load(b_smem.at[slot, wg, pl.ds(0, HALF_K)], layout=row_vec)
-          radius = plgpu.load(b_smem.at[slot, wg, pl.ds(HALF_K, HALF_K)], layout=row_vec)
-          bound = (lax.broadcast_in_dim(q_sq[1], qk.shape, [0])
-                   * lax.broadcast_in_dim(radius, qk.shape, [1]))
-          s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
-               + jnp.minimum(second * scale, bound))
-        elif comp:
-          bias = plgpu.load(b_smem.at[slot, wg], layout=row_vec)
-          s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
-        else:  # NaN = a padding key row
-          s = jnp.where(qk != qk, -jnp.inf, qk * scale)
+        with scope("softmax"):
+          if comp and variance:
+            bias = plgpu.load(b_smem.at[slot, wg, pl.ds(0, HALF_K)], layout=row_vec)
+            radius = plgpu.load(b_smem.at[slot, wg, pl.ds(HALF_K, HALF_K)], layout=row_vec)
+            bound = (lax.broadcast_in_dim(q_sq[1], qk.shape, [0])
+                     * lax.broadcast_in_dim(radius, qk.shape, [1]))
+            s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+                 + jnp.minimum(second * scale, bound))
+          elif comp:
+            bias = plgpu.load(b_smem.at[slot, wg], layout=row_vec)
+            s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+          else:  # NaN = a padding key row
+            s = jnp.where(qk != qk, -jnp.inf, qk * scale)
       plgpu.barrier_arrive(k_used.at[slot])
       if qo is not None:
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        with scope("softmax"):
+          m_new = jnp.maximum(m_i, s.max(axis=1))
+          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          alpha = jnp.exp2(m_i - m_use)
+          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
       plgpu.barrier_arrive(sched)
-      plgpu.barrier_wait(v_bar.at[slot])
-      plgpu.barrier_wait(sched)
+      with scope("wait_v"):
+        plgpu.barrier_wait(v_bar.at[slot])
+      with scope("pingpong"):
+        plgpu.barrier_wait(sched)
       if qo is None:
         wait_k(i + 1)
       else:
         def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, values)
+          with scope("pv_issue"):
+            plgpu.wgmma(acc_ref, p16, values)
           wait_k(i + 1)  # while the wgmma runs
 
         acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
@@ -226,21 +244,26 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       # (x * chunk): Mosaic must prove the TMA source 16-byte aligned
       q_row = wg_q0_ref[g, t, wg] * chunk
       if len(q_ref.shape) == 2 or len(out_ref.shape) == 2:  # rows read or written in place
-        plgpu.copy_gmem_to_smem(q_rows_ref.at[g, pl.ds(q_row, BLOCK_Q)], rows, r_bar.at[wg])
-        plgpu.barrier_wait(r_bar.at[wg])
+        with scope("q_rows"):
+          plgpu.copy_gmem_to_smem(q_rows_ref.at[g, pl.ds(q_row, BLOCK_Q)], rows,
+                                  r_bar.at[wg])
+          plgpu.barrier_wait(r_bar.at[wg])
       if len(q_ref.shape) == 3:  # a cluster-sorted padded copy [G, QR, D]: one copy
-        plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
+        with scope("q_load"):
+          plgpu.copy_gmem_to_smem(q_ref.at[g, pl.ds(q_row, BLOCK_Q)], qo, q_bar.at[wg])
+          plgpu.barrier_wait(q_bar.at[wg])
       else:
         # the caller's rows in place. TMA cannot gather: one row copy each, into an
         # unswizzled buffer (a 1-row box cannot land in the swizzled tiles wgmma reads),
         # then through registers into `qo`. Padding rows load row 0: computed, not written.
-        for r in range(BLOCK_Q):
-          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(jnp.maximum(rows[r], 0), 1)],
-                                  stage.at[pl.ds(r, 1)], q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
-        qo[...] = plgpu.load(stage, layout=plgpu.Layout.WGMMA)
-        plgpu.commit_smem()
+        with scope("q_load"):
+          for r in range(BLOCK_Q):
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(jnp.maximum(rows[r], 0), 1)],
+                                    stage.at[pl.ds(r, 1)], q_bar.at[wg])
+          plgpu.barrier_wait(q_bar.at[wg])
+        with scope("q_restage"):
+          qo[...] = plgpu.load(stage, layout=plgpu.Layout.WGMMA)
+          plgpu.commit_smem()
       m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32),
@@ -251,16 +274,20 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       pl.when(wg == 1)(schedule_barrier)
       acc, _, l_i = key_steps((acc, m_i, l_i), qo, split)
       pl.when(wg == 0)(schedule_barrier)
-      l_i = jnp.where(l_i == 0, 1.0, l_i)
-      acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
+      with scope("normalize"):
+        l_i = jnp.where(l_i == 0, 1.0, l_i)
+        acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
       if len(out_ref.shape) == 3:  # slot buffer [G, T * 128, D]: one copy, XLA gathers
-        qo[...] = acc.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo, out_ref.at[g, pl.ds(t * TILE_Q + wg * BLOCK_Q, BLOCK_Q)])
-        plgpu.wait_smem_to_gmem(0)
+        with scope("store"):
+          qo[...] = acc.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(qo, out_ref.at[g, pl.ds(t * TILE_Q + wg * BLOCK_Q,
+                                                           BLOCK_Q)])
+          plgpu.wait_smem_to_gmem(0)
         return
-      stage[...] = acc.astype(dtype)
-      plgpu.commit_smem()
+      with scope("store"):
+        stage[...] = acc.astype(dtype)
+        plgpu.commit_smem()
 
       # each real row straight to its place in the caller's layout (no slot buffer, no
       # gather); the tile's rows past its cluster are the next cluster's queries
@@ -272,9 +299,11 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
 
         @pl.when((r < n_real) & (row >= 0))
         def _():
-          plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], out_ref.at[pl.ds(row, 1)])
+          with scope("store"):
+            plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 1)], out_ref.at[pl.ds(row, 1)])
 
-      plgpu.wait_smem_to_gmem(0)
+      with scope("store"):
+        plgpu.wait_smem_to_gmem(0)
 
     pl.when(live & busy & ~pair)(functools.partial(compute, False))
     pl.when(live & busy & pair)(functools.partial(compute, True))
@@ -300,9 +329,10 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       return exact, rows
 
     def issue_k(i, slot, exact, rows):
-      for j, r in enumerate(rows):
-        plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, chunk)],
-                                k_smem.at[slot, pl.ds(j * chunk, chunk)], k_bar.at[slot])
+      with scope("issue_k"):
+        for j, r in enumerate(rows):
+          plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, chunk)],
+                                  k_smem.at[slot, pl.ds(j * chunk, chunk)], k_bar.at[slot])
       if num_comp:
         @pl.when(~exact)
         def _():
@@ -312,9 +342,10 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
                 b_smem.at[slot, w], b_bar.at[slot])
 
     def issue_v(slot, rows):
-      for j, r in enumerate(rows):
-        plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, chunk)],
-                                v_smem.at[slot, pl.ds(j * chunk, chunk)], v_bar.at[slot])
+      with scope("issue_v"):
+        for j, r in enumerate(rows):
+          plgpu.copy_gmem_to_smem(v_ref.at[g, pl.ds(r, chunk)],
+                                  v_smem.at[slot, pl.ds(j * chunk, chunk)], v_bar.at[slot])
 
     def produce(keys, values):
       for s in range(mcs):
@@ -332,10 +363,12 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
         slot = lax.rem(i, jnp.int32(mcs))
         exact, rows = sources(step)  # loads issued before the wait hide their latency
         if keys:
-          plgpu.barrier_wait(k_used.at[slot])
+          with scope("wait_k_used"):
+            plgpu.barrier_wait(k_used.at[slot])
           issue_k(step, slot, exact, rows)
         if values:
-          plgpu.barrier_wait(v_used.at[slot])
+          with scope("wait_v_used"):
+            plgpu.barrier_wait(v_used.at[slot])
           issue_v(slot, rows)
 
     if split_producers:
@@ -345,13 +378,34 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       pl.when(live)(functools.partial(produce, True, True))
 
 
+def smem_bytes(d: int, mcs: int, itemsize: int) -> int:
+  """Shared memory of the kernel's buffers: query tiles and their staging, the key / value
+  ring, the bias rows, the row tables (barriers and Mosaic's own scratch not included)."""
+  return ((4 * BLOCK_Q + 2 * mcs * BLOCK_K) * d * itemsize + mcs * 2 * BLOCK_K * 4
+          + 2 * BLOCK_Q * 4)
+
+
+def profile_ranges(d: int, mcs: int, itemsize: int, warpgroups: int) -> int:
+  """Profiler ranges per warpgroup that fit beside the kernel's buffers: 16 bytes a range
+  (two events of a tag and a clock), 3 header words per warpgroup, 4 KB kept for barriers
+  and Mosaic's reduction scratch."""
+  spare = _SMEM_LIMIT - smem_bytes(d, mcs, itemsize) - 4096
+  return max(spare // warpgroups - 12, 0) // 16
+
+
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
-          variance=False, slot_output=False, split_producers=False):
+          variance=False, slot_output=False, split_producers=False, profile_dir=None,
+          profile_space=None):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
   (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
   slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them).
-  split_producers: two producer warpgroups (keys, values) instead of one."""
+  split_producers: two producer warpgroups (keys, values) instead of one.
+  profile_dir: write a Chrome trace of the kernel's named scopes (per CTA and warpgroup,
+  at most `profile_space` ranges each, later ones dropped) into this folder per call
+  (Mosaic GPU's in-kernel profiler; benchmarks/kernels.py trace sums it up). The
+  profiler buffers its events in shared memory: None = as many ranges as the shared
+  memory the kernel leaves holds (`profile_ranges`)."""
   per_step = BLOCK_K // chunk
   tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
   g, num_tiles = tile_mode.shape
@@ -385,6 +439,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
                                 split_producers=split_producers),
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
+  if profile_dir is not None and profile_space is None:
+    profile_space = profile_ranges(d, mcs, q_in.dtype.itemsize, 4 if split_producers else 3)
   return plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct(
           (g, num_tiles * TILE_Q, d) if slot_output else (num_out, d), dtype),
@@ -393,7 +449,10 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
       # vs 80.0 ms on the kernel benchmark's problem)
       grid=(g, num_tiles), grid_names=("head", "tile"),
       num_threads=4 if split_producers else 3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, **({} if profile_dir is None else dict(
+              profile_space=profile_space, profile_dir=profile_dir,
+              profile_bounds_check=True))),
   )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows, q_in, k_pad, v_pad)
 
 
@@ -791,8 +850,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     raise ValueError("max_concurrent_steps must be >= 2")
   if chunk_rows not in (8, 16, 32, 64):
     raise ValueError(f"chunk_rows must be 8, 16, 32 or 64, got {chunk_rows}")
-  smem = ((4 * BLOCK_Q + 2 * max_concurrent_steps * BLOCK_K) * d * q.dtype.itemsize
-          + max_concurrent_steps * 2 * BLOCK_K * 4 + 2 * BLOCK_Q * 4)
+  smem = smem_bytes(d, max_concurrent_steps, q.dtype.itemsize)
   if not emulate and smem > _SMEM_BYTES:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} with head_dim {d} needs "
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")

@@ -185,3 +185,38 @@ def test_other_weights_workload_and_kmeans_start_study(tmp_path, monkeypatch):
   assert "| switch | 1.00 | carry 2 |" in open(out + ".md").read()
   with pytest.raises(SystemExit):
     kmeans_start.main(["--preset", "tiny", "--alphas", "2"])
+
+
+def test_summarize_trace_exclusive_shares():
+  # benchmarks/kernels.py trace: a Mosaic GPU profiler trace summed per warpgroup role
+  # and scope, nested ranges counted in their own name only
+  from benchmarks import kernels
+
+  def ranges(tid, spans):
+    out = []
+    for name, b, e in spans:
+      out += [dict(name=name, ph="B", ts=b, tid=tid), dict(name=name, ph="E", ts=e, tid=tid)]
+    return out
+
+  events = []
+  for cta in range(2):  # 3 warpgroups per CTA: tids 1 + wg + 3 * cta
+    base = 100.0 * cta
+    events += ranges(1 + 3 * cta, [("qk", base, base + 4), ("softmax", base + 4, base + 9),
+                                   ("qk", base + 10, base + 12)])
+    # consumer 1: "pv" holds a nested "wait_k" of 3: pv's exclusive time is 6 - 3
+    events += [dict(name="pv", ph="B", ts=base, tid=2 + 3 * cta),
+               dict(name="wait_k", ph="B", ts=base + 2, tid=2 + 3 * cta),
+               dict(name="wait_k", ph="E", ts=base + 5, tid=2 + 3 * cta),
+               dict(name="pv", ph="E", ts=base + 6, tid=2 + 3 * cta)]
+    events += ranges(3 + 3 * cta, [("issue_k", base, base + 1), ("wait_k_used", base + 1,
+                                                                   base + 8)])
+  got = kernels.summarize_trace({"traceEvents": events[::-1]}, warpgroups=3, space=3)
+  c0, c1, prod = got["consumer 0"], got["consumer 1"], got["producer"]
+  assert c0["ctas"] == c1["ctas"] == prod["ctas"] == 2
+  assert c0["ranges"] == 3 and c0["full"] == 1 and c1["full"] == 0
+  assert c0["span"] == 12 and c0["scopes"]["qk"]["total"] == 6
+  assert c0["scopes"]["qk"]["count"] == 2 and c0["scopes"]["softmax"]["share"] == 5 / 12
+  assert abs(c0["unscoped"] - 1 / 12) < 1e-12
+  assert c1["scopes"]["pv"]["total"] == 3 and c1["scopes"]["wait_k"]["total"] == 3
+  assert list(prod["scopes"]) == ["wait_k_used", "issue_k"]  # largest first
+  assert prod["scopes"]["wait_k_used"]["share"] == 7 / 8 and abs(prod["unscoped"]) < 1e-12
