@@ -304,6 +304,24 @@ PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped default
 }
 
 
+def variant_kernel(variant, args, **call_kw):
+  """A PROFILE_VARIANTS kernel on the problem `args`: (the `sm._call` function with the
+  variant's options and `call_kw`, its prepared operands, the options)."""
+  g, s, d = args[0].shape
+  opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
+                 split_producers=False), **PROFILE_VARIANTS[variant]}
+  chunk = opts["chunk_rows"]
+  operands = jax.jit(lambda *a: sm.prepare_mgpu(
+      *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
+      sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
+  statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
+  fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=d ** -0.5 * sm._LOG2E,
+                                 slot_output=opts["slot_output"],
+                                 split_producers=opts["split_producers"], **statics,
+                                 **call_kw))
+  return fn, operands, opts
+
+
 def profile(variant, problem=None, calls=3):
   """For Nsight Compute (benchmarks/profile_ncu.sh): `calls` runs of one kernel on the
   kernel benchmark's problem, nothing else on the GPU between them but its tables.
@@ -312,7 +330,6 @@ def profile(variant, problem=None, calls=3):
   on the problem's shape: the ceiling the kernel is compared with)."""
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
-  scale = d ** -0.5
   if variant == "dense":
     from jax.experimental.pallas.ops.gpu import attention_mgpu
     cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
@@ -323,17 +340,8 @@ def profile(variant, problem=None, calls=3):
     fn = jax.jit(functools.partial(attention_mgpu.attention, config=cfg))
     operands, flops = (q, q, q), 4 * d * s_pad * s_pad * g
   else:
-    opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
-                   split_producers=False), **PROFILE_VARIANTS[variant]}
-    chunk = opts["chunk_rows"]
-    tables, qp, kp, vp = jax.jit(lambda *a: sm.prepare_mgpu(
-        *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
-        sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
-    statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
-    fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
-                                   slot_output=opts["slot_output"],
-                                   split_producers=opts["split_producers"], **statics))
-    operands, flops = (tables, qp, kp, vp), 4 * d * area
+    fn, operands, _ = variant_kernel(variant, args)
+    flops = 4 * d * area
   jax.block_until_ready(operands)
   for i in range(calls):
     t0 = time.perf_counter()
@@ -406,21 +414,12 @@ def trace(variant, heads=1, problem=None):
   ~70 key steps ("full" says how many were cut short). The trace file is deleted."""
   import glob
   import tempfile
-  args, area = wan_problem(**{"g": heads, **(problem or {})})
+  args, _ = wan_problem(**{"g": heads, **(problem or {})})
   g, s, d = args[0].shape
-  opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
-                 split_producers=False), **PROFILE_VARIANTS[variant]}
-  chunk = opts["chunk_rows"]
-  tables, qp, kp, vp = jax.jit(lambda *a: sm.prepare_mgpu(
-      *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
-      sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
-  statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
   with tempfile.TemporaryDirectory() as tmp:
-    fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=d ** -0.5 * sm._LOG2E,
-                                   slot_output=opts["slot_output"],
-                                   split_producers=opts["split_producers"], profile_dir=tmp,
-                                   **statics))
-    jax.block_until_ready(fn(tables, qp, kp, vp))
+    fn, operands, opts = variant_kernel(variant, args, profile_dir=tmp)
+    tables = operands[0]
+    jax.block_until_ready(fn(*operands))
     jax.effects_barrier()  # the trace is written by a host callback
     files = sorted(glob.glob(os.path.join(tmp, "*-trace.json")))
     with open(files[-1]) as f:
