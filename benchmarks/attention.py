@@ -159,6 +159,23 @@ def markdown(rows):
   return "\n".join(lines)
 
 
+def parse_mosaic_options(text: str) -> dict:
+  """'chunk_rows=8,split_producers=1' -> {"chunk_rows": 8, "split_producers": True}."""
+  options = {}
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or name not in pipeline.MOSAIC_OPTION_NAMES:
+      raise ValueError(f"--mosaic-options: {item!r} is not NAME=VALUE with NAME one of "
+                       f"{pipeline.MOSAIC_OPTION_NAMES}")
+    try:
+      number = int(value)
+    except ValueError:
+      raise ValueError(f"--mosaic-options: {name} needs an integer, got {value!r}") from None
+    flag = name not in ("chunk_rows", "max_concurrent_steps")
+    options[name] = bool(number) if flag else number
+  return options
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,11 +189,18 @@ def main(argv=None):
   parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "xla"])
   parser.add_argument("--attention-kernel", default="auto", choices=["auto", "triton", "mosaic"],
                       help="Pallas attention kernel (SvgEarConfig.attention_kernel)")
+  parser.add_argument("--mosaic-options", default="",
+                      help="Mosaic kernel options for the whole run, e.g. "
+                           "'chunk_rows=8,split_producers=1' (pipeline.MOSAIC_OPTIONS)")
   parser.add_argument("--iters", type=int, default=5, help="timed repetitions (median)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "attention"),
                       help="output path stem: writes STEM.json and STEM.md")
   args = parser.parse_args(argv)
+  try:
+    pipeline.MOSAIC_OPTIONS = parse_mosaic_options(args.mosaic_options)
+  except ValueError as e:
+    parser.error(str(e))
   densities = []
   for d in args.densities:
     if d == "ref":
@@ -206,6 +230,7 @@ def main(argv=None):
                              args.implementation, args.iters, args.attention_kernel,
                              compensation)
           row["dense_mem_gb"] = dense_mem
+          row["mosaic_options"] = dict(pipeline.MOSAIC_OPTIONS)
           rows.append(row)
           print(json.dumps(row), flush=True)
           write(rows, args.out)  # after every row: a timeout keeps what was measured

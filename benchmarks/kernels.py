@@ -1,6 +1,6 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|probe|assign|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|probe|assign|smoke] [budget_s]
   python -m benchmarks.kernels profile [shipped|split|chunk8_split|sorted|dense]
   python -m benchmarks.kernels trace [shipped|split|chunk8_split|sorted ...]
 
@@ -15,7 +15,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
   mosaic: the Mosaic GPU kernel (Hopper) per chunk size, with half tiles paired, with
           idle second warpgroups or without half tiles, queries read in place or from a
           sorted copy, outputs written in place or to a slot buffer, one or two producer
-          warpgroups, vs the Triton kernel.
+          warpgroups, vs the Triton kernel. mosaic480: chunk sizes and producers at Wan
+          480p's shape (S = 32,760, Kq = 200, Kk = 1000).
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -539,6 +540,12 @@ def main():
             (16, True, True, True, True, False), (16, True, False, False, False, False),
             (16, False, False, False, False, False), (8, True, True, False, False, False),
             (32, True, True, False, False, False)], start + budget)
+  elif mode == "mosaic480":
+    # Wan 480p's shape: key clusters of ~33 rows, so 16-row chunks pad ~19% of the key
+    # slots (8-row ones ~10%; 720p: ~9% and ~5%)
+    mosaic([(16, True, True, False, False, False), (8, True, True, False, False, False),
+            (16, True, True, False, False, True), (8, True, True, False, False, True)],
+           start + budget, problem=dict(s=32760, kq=200, kk=1000))
   elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
     profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
   elif mode == "trace":  # python -m benchmarks.kernels trace VARIANT...

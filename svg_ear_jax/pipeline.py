@@ -29,6 +29,14 @@ from svg_ear_jax.config import SvgEarConfig
 # 2.9 ms faster per Wan 720p call on an H200 (benchmarks/results/breakdown_h200.md).
 KMEANS_UPDATE = "sorted"
 
+# Options of the Mosaic GPU attention kernel beyond its defaults (chunk_rows,
+# split_producers, sorted_queries, slot_output: pallas_kernels.sparse_attention_mgpu), for
+# timing variants of the whole call (`benchmarks/attention.py --mosaic-options`); read
+# when a call is traced.
+MOSAIC_OPTIONS: dict = {}
+MOSAIC_OPTION_NAMES = ("chunk_rows", "split_producers", "sorted_queries", "slot_output",
+                       "half_tiles", "pair_half_tiles", "max_concurrent_steps")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +105,14 @@ def attention_kernel(cfg: SvgEarConfig, q: jax.Array):
   """
   kw = dict(compensation=cfg.compensation, sm_scale=q.shape[-1] ** -0.5)
   if _use_mosaic(cfg, q):
-    # Hopper: TMA + wgmma, warp-specialised; reads sorted, cluster-padded copies of Q, K, V
-    # (see pallas_kernels/sparse_attention_mgpu.py)
-    return functools.partial(_pallas().sparse_attention_mgpu, emulate=_interpret(), **kw)
+    # Hopper: TMA + wgmma, warp-specialised; reads the caller's query rows in place and
+    # sorted, cluster-padded copies of K, V (see pallas_kernels/sparse_attention_mgpu.py)
+    unknown = set(MOSAIC_OPTIONS) - set(MOSAIC_OPTION_NAMES)
+    if unknown:
+      raise ValueError(f"pipeline.MOSAIC_OPTIONS: unknown options {sorted(unknown)}; "
+                       f"known: {MOSAIC_OPTION_NAMES}")
+    return functools.partial(_pallas().sparse_attention_mgpu, emulate=_interpret(), **kw,
+                             **MOSAIC_OPTIONS)
   # reads q, k, v in place (strided per head) and writes token order: no copies
   return functools.partial(_pallas().sparse_attention, interpret=_interpret(), **kw,
                            **_attention_blocks())

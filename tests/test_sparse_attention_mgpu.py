@@ -248,6 +248,40 @@ def test_pipeline_mosaic_matches_triton_kernel():
                       cfg.replace(attention_kernel="mosaic"))
 
 
+def test_pipeline_mosaic_options(monkeypatch):
+  # pipeline.MOSAIC_OPTIONS reach the kernel (benchmarks/attention.py --mosaic-options):
+  # 8-row chunks with split producers compute the same call
+  from benchmarks import attention as attention_bench
+  from svg_ear_jax import pipeline
+  ks = jax.random.split(jax.random.PRNGKey(4), 3)
+  q, k, v = (jax.random.normal(x, (1, 300, 2, 64), jnp.float32).astype(jnp.bfloat16)
+             for x in ks)
+  cfg = SvgEarConfig(num_q_clusters=5, num_k_clusters=16, kmeans_iters=4, density=0.4,
+                     implementation="pallas", attention_kernel="mosaic")
+  base = svg_ear_attention(q, k, v, cfg)
+  options = attention_bench.parse_mosaic_options("chunk_rows=8, split_producers=1")
+  assert options == {"chunk_rows": 8, "split_producers": True}
+  seen = {}
+  real = sm.sparse_attention_mgpu
+
+  def spy(*args, **kw):
+    seen.update(kw)
+    return real(*args, **kw)
+
+  monkeypatch.setattr(pipeline._pallas(), "sparse_attention_mgpu", spy)
+  monkeypatch.setattr(pipeline, "MOSAIC_OPTIONS", options)
+  out = svg_ear_attention(q, k, v, cfg)
+  assert seen["chunk_rows"] == 8 and seen["split_producers"] is True
+  diff = np.abs(np.asarray(out, np.float32) - np.asarray(base, np.float32))
+  assert diff.max() < 2e-2
+  monkeypatch.setattr(pipeline, "MOSAIC_OPTIONS", {"chunk": 8})
+  with pytest.raises(ValueError, match="unknown options"):
+    svg_ear_attention(q, k, v, cfg)
+  for bad in ("chunk_rows", "chunk=8", "chunk_rows=eight"):
+    with pytest.raises(ValueError, match="--mosaic-options"):
+      attention_bench.parse_mosaic_options(bad)
+
+
 @pytest.mark.skipif(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11),
                     reason="the Mosaic GPU kernel API used here needs jax >= 0.11")
 @pytest.mark.usefixtures("abstract_h100")
