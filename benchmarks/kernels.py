@@ -269,20 +269,9 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
                                         emulate=emulate))
       out = whole(*args).astype(jnp.float32)
       ms_whole, how = timing.measure_ms(whole, *args)
-      prep = jax.jit(lambda *a: sm.prepare_mgpu(
-          *a, compensation=True, chunk=chunk, half_tiles=half, pair_half_tiles=pair,
-          sorted_queries=sorted_q and not emulate,
-          chunk_impl="jnp" if emulate else "pallas")[:4])
-      tables, qp, kp, vp = prep(*args)
-      statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
-      if emulate:
-        kern = functools.partial(sm.emulate_kernel, scale=scale * sm._LOG2E,
-                                 slot_output=slots, **statics)
-      else:
-        kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale * sm._LOG2E,
-                                 slot_output=slots, split_producers=split, **statics)
-      ms_kernel, _ = timing.measure_ms(jax.jit(kern), tables, qp, kp, vp)
-      mode, exact = tables[:2]
+      kern, operands = kernel_alone(args, tag, emulate=emulate)
+      ms_kernel, _ = timing.measure_ms(kern, *operands)
+      mode, exact = operands[0][:2]
       n_half = jnp.sum(mode == sm.MODE_HALF) + 2 * jnp.sum(mode == sm.MODE_PAIR)
       wgs = jnp.where(mode == sm.MODE_HALF, 1, jnp.where(mode == sm.MODE_NONE, 0, 2))
       # key slots x query rows of the computing warpgroups' exact steps, padding included
@@ -305,22 +294,35 @@ PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped default
 }
 
 
-def variant_kernel(variant, args, **call_kw):
-  """A PROFILE_VARIANTS kernel on the problem `args`: (the `sm._call` function with the
-  variant's options and `call_kw`, its prepared operands, the options)."""
+def kernel_alone(args, opts, emulate=False, **call_kw):
+  """The Mosaic kernel alone on the problem `args` ("mean" compensation, 2 ring slots):
+  (the jitted `sm._call` with `opts` (chunk_rows, half_tiles, pair_half_tiles,
+  sorted_queries, slot_output, split_producers) and `call_kw`, its prepared operands
+  (tables, q, padded k, padded v)). emulate: `sm.emulate_kernel` instead (CPU)."""
   g, s, d = args[0].shape
-  opts = {**dict(chunk_rows=sm.CHUNK, sorted_queries=False, slot_output=False,
-                 split_producers=False), **PROFILE_VARIANTS[variant]}
   chunk = opts["chunk_rows"]
   operands = jax.jit(lambda *a: sm.prepare_mgpu(
-      *a, compensation=True, chunk=chunk, half_tiles=True, pair_half_tiles=True,
-      sorted_queries=opts["sorted_queries"], chunk_impl="pallas")[:4])(*args)
+      *a, compensation=True, chunk=chunk, half_tiles=opts["half_tiles"],
+      pair_half_tiles=opts["pair_half_tiles"],
+      sorted_queries=opts["sorted_queries"] and not emulate,
+      chunk_impl="jnp" if emulate else "pallas")[:4])(*args)
   statics = sm.kernel_statics(s, args[5].shape[2], compensation=True, chunk=chunk)
-  fn = jax.jit(functools.partial(sm._call, num_out=g * s, mcs=2, scale=d ** -0.5 * sm._LOG2E,
-                                 slot_output=opts["slot_output"],
-                                 split_producers=opts["split_producers"], **statics,
-                                 **call_kw))
-  return fn, operands, opts
+  scale = d ** -0.5 * sm._LOG2E
+  if emulate:
+    kern = functools.partial(sm.emulate_kernel, scale=scale, slot_output=opts["slot_output"],
+                             **statics)
+  else:
+    kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale,
+                             slot_output=opts["slot_output"],
+                             split_producers=opts["split_producers"], **statics, **call_kw)
+  return jax.jit(kern), operands
+
+
+def variant_options(variant):
+  """A PROFILE_VARIANTS name's full kernel options (the shipped defaults elsewhere)."""
+  return {**dict(chunk_rows=sm.CHUNK, half_tiles=True, pair_half_tiles=True,
+                 sorted_queries=False, slot_output=False, split_producers=False),
+          **PROFILE_VARIANTS[variant]}
 
 
 def profile(variant, problem=None, calls=3):
@@ -341,7 +343,7 @@ def profile(variant, problem=None, calls=3):
     fn = jax.jit(functools.partial(attention_mgpu.attention, config=cfg))
     operands, flops = (q, q, q), 4 * d * s_pad * s_pad * g
   else:
-    fn, operands, _ = variant_kernel(variant, args)
+    fn, operands = kernel_alone(args, variant_options(variant))
     flops = 4 * d * area
   jax.block_until_ready(operands)
   for i in range(calls):
@@ -417,16 +419,17 @@ def trace(variant, heads=1, problem=None):
   import tempfile
   args, _ = wan_problem(**{"g": heads, **(problem or {})})
   g, s, d = args[0].shape
+  opts = variant_options(variant)
+  warpgroups = 4 if opts["split_producers"] else 3
+  space = sm.profile_ranges(d, 2, args[0].dtype.itemsize, warpgroups)
   with tempfile.TemporaryDirectory() as tmp:
-    fn, operands, opts = variant_kernel(variant, args, profile_dir=tmp)
+    fn, operands = kernel_alone(args, opts, profile_dir=tmp, profile_space=space)
     tables = operands[0]
     jax.block_until_ready(fn(*operands))
     jax.effects_barrier()  # the trace is written by a host callback
     files = sorted(glob.glob(os.path.join(tmp, "*-trace.json")))
     with open(files[-1]) as f:
       data = json.load(f)
-  warpgroups = 4 if opts["split_producers"] else 3
-  space = sm.profile_ranges(d, 2, args[0].dtype.itemsize, warpgroups)
   emit(what="trace", variant=variant, heads=g, tiles=int(tables[0].shape[1]),
        profile_space=space, events=len(data["traceEvents"]),
        summary=summarize_trace(data, warpgroups, space))

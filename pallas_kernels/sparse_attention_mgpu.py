@@ -387,9 +387,9 @@ def smem_bytes(d: int, mcs: int, itemsize: int) -> int:
 
 def profile_ranges(d: int, mcs: int, itemsize: int, warpgroups: int) -> int:
   """Profiler ranges per warpgroup that fit beside the kernel's buffers: 16 bytes a range
-  (two events of a tag and a clock), 3 header words per warpgroup, 4 KB kept for barriers
-  and Mosaic's reduction scratch."""
-  spare = _SMEM_LIMIT - smem_bytes(d, mcs, itemsize) - 4096
+  (two events of a tag and a clock), 3 header words per warpgroup, the 4 KB `_SMEM_BYTES`
+  keeps for barriers and Mosaic's reduction scratch."""
+  spare = _SMEM_BYTES - smem_bytes(d, mcs, itemsize)
   return max(spare // warpgroups - 12, 0) // 16
 
 
