@@ -15,8 +15,19 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   `chunk_rows` (default CHUNK = 16) rows (`_padded_rows`): TMA cannot gather rows. A
   128-slot key step is 128 / chunk_rows TMA copies of chunk_rows rows, so any set of
   clusters packs into full steps with < chunk_rows wasted slots per cluster.
-- Padding key rows are NaN (their values 0): q.k is NaN there for every query, which the
-  kernel turns into -inf. No per-step mask metadata is needed.
+- Padding key rows are 0 (their values 0) and carry a bias of -inf: with every exact
+  step's keys the producer writes the step's 128 key-slot biases (0, or -inf past each
+  chunk's real rows: a table of real rows per chunk) into shared memory, so the logit is
+  one FMA (q.k * scale + bias) per element. (TMA cannot copy the 64-byte bias pieces of
+  16-row chunks: its shared-memory destinations must be 128-byte aligned.) The first
+  version marked padding with NaN keys and tested every logit (q.k != q.k -> -inf: a
+  compare and a select per element more, the softmax being the kernel's critical path):
+  77.6 -> 76.4 ms
+  on the kernel benchmark in one run (benchmarks/results/kernels_h200.md, run 3; a
+  kernel with no mask at all, wrong, ran 70.4 ms: the bias load costs the consumers
+  registers and the producer a store and fence per step). A table of real rows beside
+  each list entry (two independent loads in the producer instead of a dependent one)
+  was not faster (77.0 ms) and is G x Kq x width ints, so the table stays per chunk.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
   With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
@@ -43,8 +54,10 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
 - One producer warpgroup issues a key step's 2 x 128 / chunk_rows TMA copies (keys and
   values), which is what held the visited rate under the dense kernel's on the H100
   (64-row chunks came within 1% of it; benchmarks/results/kernels_h100.md).
-  `split_producers=True` (not yet timed) gives keys and values a producer warpgroup each
-  (2 x 232 + 2 x 24 registers per thread slot) to halve each one's issue work.
+  `split_producers=True` gives keys and values a producer warpgroup each (2 x 232 + 2 x 24
+  registers per thread slot) to halve each one's issue work: 0.3-1.3 ms faster at Wan 720p
+  over four runs, even at 480p (kernels_h200.md run 3); not the default yet (the compiled
+  GPU tests run the default).
 - The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
   not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
   only the last wave's imbalance (< 1% of the call) could be won back.
@@ -93,7 +106,8 @@ def on_hopper() -> bool:
 
 
 def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_ref,
-            bias_ref, q_rows_ref, q_ref, k_ref, v_ref, out_ref, scoped, *, num_comp,
+            bias_ref, chunk_valid_ref, q_rows_ref, q_ref, k_ref, v_ref, out_ref, scoped, *,
+            num_comp,
             comp_base, max_steps, mcs, scale, dtype, chunk, variance, split_producers):
   """One CTA = one query tile (head g, tile t); warpgroups 0, 1 compute 64 rows each,
   warpgroup 2 streams the key steps (exact chunk steps, then compensation steps) through
@@ -102,10 +116,13 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
   two warpgroups serve two query clusters: each exact step's slot holds 64 keys of each
   one's chunk list (rows 0..63 for warpgroup 0, 64..127 for 1). Tables as in
   `sparse_layout_mgpu`; q_ref and out_ref are the caller's rows flattened to [N, D],
-  addressed through q_rows_ref."""
+  addressed through q_rows_ref. A step's bias rows (b_smem[slot]) arrive on the keys'
+  barrier: an exact step's key-slot biases in row 0 (written by the producer from
+  chunk_valid_ref, the real rows of each padded key chunk), a compensation step's bias
+  row of each warpgroup's cluster in rows 0 and 1 (copied)."""
   per_step = BLOCK_K // chunk
   half_step = per_step // 2  # chunks per warpgroup in a pair tile's exact step
-  ((qo_smem2, stage2, rows2, k_smem, v_smem, b_smem), (k_bar, v_bar, b_bar, q_bar, r_bar),
+  ((qo_smem2, stage2, rows2, k_smem, v_smem, b_smem), (k_bar, v_bar, q_bar, r_bar),
    (k_used, v_used), sched) = scoped
   t = lax.axis_index("tile")
   g = lax.axis_index("head")
@@ -173,9 +190,6 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
               return acc_ref[...], second_ref[...]
 
           qk, second = pl.run_scoped(compute_qk, acc_type, acc_type)
-      if comp:
-        with scope("wait_bias"):
-          plgpu.barrier_wait(b_bar.at[slot])
       if qo is not None:
         row_vec = plgpu.Layout.WGMMA.reduce(0)
         with scope("softmax"):
@@ -186,11 +200,10 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
                      * lax.broadcast_in_dim(radius, qk.shape, [1]))
             s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
                  + jnp.minimum(second * scale, bound))
-          elif comp:
-            bias = plgpu.load(b_smem.at[slot, wg], layout=row_vec)
+          else:  # comp: the cluster's bias row; exact: the key rows' (-inf: padding)
+            bias = plgpu.load(b_smem.at[slot, wg] if comp else
+                              b_smem.at[slot, 0, pl.ds(first, width)], layout=row_vec)
             s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
-          else:  # NaN = a padding key row
-            s = jnp.where(qk != qk, -jnp.inf, qk * scale)
       plgpu.barrier_arrive(k_used.at[slot])
       if qo is not None:
         with scope("softmax"):
@@ -317,29 +330,48 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
     c1 = jnp.maximum(wg_c_ref[g, t, 1], 0)  # = c0 but in a pair tile
 
     def sources(i):
+      """Step i: (exact, each chunk's first row, each chunk's real rows (exact steps))."""
       exact = i < n_exact
       comp_chunk = comp_base // chunk + (i - n_exact) * per_step
-      rows = []
+      rows, valid = [], []
       for j in range(per_step):
         # pair tile: chunks [i * half_step, +half_step) of each list, c0's then c1's
         pos = jnp.where(pair, jnp.minimum(i, 2 * max_steps - 1) * half_step + j % half_step,
                         jnp.minimum(i, max_steps - 1) * per_step + j)
         lst = c0 if j < half_step else jnp.where(pair, c1, c0)
-        rows.append(jnp.where(exact, chunk_ref[g, lst, pos], comp_chunk + j) * chunk)
-      return exact, rows
+        listed = chunk_ref[g, lst, pos]
+        rows.append(jnp.where(exact, listed, comp_chunk + j) * chunk)
+        valid.append(chunk_valid_ref[g, listed])
+      return exact, rows, valid
 
-    def issue_k(i, slot, exact, rows):
+    def issue_k(i, slot, exact, rows, valid):
+      # per_step + 2 arrivals on k_bar per step: the key copies, then the key-slot biases
+      # (written here; two plain arrivals) or each warpgroup's bias row (compensation)
       with scope("issue_k"):
         for j, r in enumerate(rows):
           plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, chunk)],
                                   k_smem.at[slot, pl.ds(j * chunk, chunk)], k_bar.at[slot])
-      if num_comp:
-        @pl.when(~exact)
-        def _():
-          for w, cw in enumerate((c0, c1)):  # each warpgroup's bias row
+
+      @pl.when(exact)
+      def _():
+        with scope("issue_bias"):
+          col = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0,
+                                       layout=plgpu.Layout.WG_STRIDED((BLOCK_K,), vec_size=1))
+          end = jnp.where(col < chunk, valid[0], chunk + valid[1])  # slots past the real rows
+          for j in range(2, per_step):
+            end = jnp.where(col < j * chunk, end, j * chunk + valid[j])
+          b_smem[slot, 0] = jnp.where(col < end, 0.0, -jnp.inf).astype(jnp.float32)
+          plgpu.commit_smem()  # every thread's stores, before the single-thread arrivals
+          plgpu.barrier_arrive(k_bar.at[slot])
+          plgpu.barrier_arrive(k_bar.at[slot])
+
+      @pl.when(~exact)
+      def _():
+        for w, cw in enumerate((c0, c1)):  # each warpgroup's bias row
+          if num_comp:
             plgpu.copy_gmem_to_smem(
                 bias_ref.at[g, cw, pl.ds((i - n_exact) * BLOCK_K, BLOCK_K)],
-                b_smem.at[slot, w], b_bar.at[slot])
+                b_smem.at[slot, w], k_bar.at[slot])
 
     def issue_v(slot, rows):
       with scope("issue_v"):
@@ -351,9 +383,9 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       for s in range(mcs):
         @pl.when(s < n_steps)
         def _():
-          exact, rows = sources(jnp.int32(s))
+          exact, rows, valid = sources(jnp.int32(s))
           if keys:
-            issue_k(jnp.int32(s), s, exact, rows)
+            issue_k(jnp.int32(s), s, exact, rows, valid)
           if values:
             issue_v(s, rows)
 
@@ -361,11 +393,11 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       def _(i):
         step = i + mcs
         slot = lax.rem(i, jnp.int32(mcs))
-        exact, rows = sources(step)  # loads issued before the wait hide their latency
+        exact, rows, valid = sources(step)  # loads before the wait hide their latency
         if keys:
           with scope("wait_k_used"):
             plgpu.barrier_wait(k_used.at[slot])
-          issue_k(step, slot, exact, rows)
+          issue_k(step, slot, exact, rows, valid)
         if values:
           with scope("wait_v_used"):
             plgpu.barrier_wait(v_used.at[slot])
@@ -407,7 +439,7 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
   profiler buffers its events in shared memory: None = as many ranges as the shared
   memory the kernel leaves holds (`profile_ranges`)."""
   per_step = BLOCK_K // chunk
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows = tables
   g, num_tiles = tile_mode.shape
   d = q_in.shape[-1]
   dtype = q_in.dtype
@@ -422,12 +454,11 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
         plgpu.SMEM((2, BLOCK_Q), jnp.int32),
         plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((mcs, BLOCK_K, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((mcs, 2, BLOCK_K), jnp.float32),  # a bias row per warpgroup
+        plgpu.SMEM((mcs, 2, BLOCK_K), jnp.float32),  # bias rows (see _kernel)
     )
     barriers = (
+        plgpu.Barrier(num_arrivals=per_step + 2, num_barriers=mcs),  # keys and biases
         plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
-        plgpu.Barrier(num_arrivals=per_step, num_barriers=mcs),
-        plgpu.Barrier(num_arrivals=2, num_barriers=mcs),
         plgpu.Barrier(num_arrivals=1 if q_in.ndim == 3 else BLOCK_Q, num_barriers=2),
         plgpu.Barrier(num_barriers=2),
     )
@@ -453,7 +484,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
           approx_math=True, **({} if profile_dir is None else dict(
               profile_space=profile_space, profile_dir=profile_dir,
               profile_bounds_check=True))),
-  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows, q_in, k_pad, v_pad)
+  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, q_in,
+    k_pad, v_pad)
 
 
 def _key_chunks(seq_len, num_k_clusters, chunk):
@@ -498,10 +530,10 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
         padding; query clusters are padded to a multiple of chunk rows too),
       n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
       chunks [G, Kq, max_steps * BLOCK_K // chunk] int32: chunk indices (in units of
-        `chunk` rows) into the padded keys (`nan_chunk` past the list's end),
+        `chunk` rows) into the padded keys (`fill_chunk` past the list's end),
       key_rows [G, key_chunks * chunk] int32: sorted key position of each padded key row
         (-1 = padding),
-    and nan_chunk (the all-NaN chunk after the keys; centroid rows follow it).
+    and fill_chunk (the all-padding chunk after the keys; centroid rows follow it).
   """
   if chunk_impl not in ("jnp", "pallas", "interpret"):
     raise ValueError(f"chunk_impl must be 'jnp', 'pallas' or 'interpret', got {chunk_impl!r}")
@@ -521,18 +553,18 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   cnt = jnp.where(block_map, nch[:, None, :], 0)
   n_chunks = jnp.sum(cnt, axis=-1)
   width = common.cdiv(key_chunks, per_step) * per_step
-  nan_chunk = key_chunks
+  fill_chunk = key_chunks
   if chunk_impl == "jnp":
-    chunks = chunk_list.chunk_list_reference(cnt, pch_start, width=width, fill=nan_chunk)
+    chunks = chunk_list.chunk_list_reference(cnt, pch_start, width=width, fill=fill_chunk)
   else:
-    chunks = chunk_list.chunk_list(cnt, pch_start, width=width, fill=nan_chunk,
+    chunks = chunk_list.chunk_list(cnt, pch_start, width=width, fill=fill_chunk,
                                    interpret=chunk_impl == "interpret")
   n_exact = common.cdiv(n_chunks, per_step).astype(jnp.int32)
   tiles = _query_tiles(q_sizes, qch_start, n_exact, common.cdiv(n_chunks, per_step // 2),
                        num_tiles=common.cdiv(s, TILE_Q) + kq, chunk=chunk,
                        half_tiles=half_tiles, pair=half_tiles and pair_half_tiles)
   return dict(tiles, query_rows=query_rows, n_exact=n_exact, chunks=chunks,
-              key_rows=key_rows.astype(jnp.int32), nan_chunk=nan_chunk)
+              key_rows=key_rows.astype(jnp.int32), fill_chunk=fill_chunk)
 
 
 def _query_tiles(q_sizes, qch_start, n_exact, n_half, *, num_tiles, chunk, half_tiles, pair):
@@ -632,6 +664,12 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
                  chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None):
   """Kernel inputs: (tables, q rows [N, D], padded keys, values [G, R, D], statics, layout).
 
+  Keys and values are sorted by key cluster and padded (padding rows 0), then the fill
+  chunk (all padding), then the centroids from row comp_base on; the tables end with each
+  cluster's compensation bias row, the real rows of each padded key chunk, chunk_valid
+  [G, comp_base // chunk] (a cluster's rows fill its chunks from the first; the kernel
+  gives the rest bias -inf), and q_rows.
+
   The queries are q itself flattened to rows (no copy): the last table, q_rows [G, QR],
   holds the row of each padded sorted query row (-1: padding), which the kernel reads and
   writes its output row to; with sorted_queries, a cluster-sorted padded copy [G, QR, D]
@@ -648,8 +686,10 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index)
   vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index)
   d = kp.shape[-1]
-  kp = jnp.where(ok[..., None], kp, jnp.nan)
+  kp = jnp.where(ok[..., None], kp, 0)
   vp = jnp.where(ok[..., None], vp, 0)
+  fill = jnp.zeros((g, chunk, kp.shape[-1]), kp.dtype)
+  chunk_valid = jnp.pad(ok.reshape(g, -1, chunk).sum(-1, dtype=jnp.int32), ((0, 0), (0, 1)))
   per = HALF_K if compensation == "variance" else BLOCK_K  # centroids per step
   kkp = common.cdiv(kk, per) * per
   pad_c = lambda x: jnp.pad(x, ((0, 0), (0, kkp - kk)) + ((0, 0),) * (x.ndim - 2))
@@ -672,11 +712,10 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
                      3).reshape(g, kq, -1)
   if compensation == "none":
     bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
-  nan_rows = jnp.full((g, chunk, d), jnp.nan, kp.dtype)
-  k_pad = jnp.concatenate([kp, nan_rows, kc], 1)
-  v_pad = jnp.concatenate([vp, jnp.zeros_like(nan_rows), vc], 1)
+  k_pad = jnp.concatenate([kp, fill, kc], 1)
+  v_pad = jnp.concatenate([vp, fill.astype(vp.dtype), vc], 1)
   tables = (lay["tile_mode"], lay["tile_exact"], lay["wg_c"], lay["wg_q0"], lay["wg_n"],
-            lay["chunks"], bias, q_rows)
+            lay["chunks"], bias, chunk_valid, q_rows)
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   q_in = (_heads_first_rows(q, lay["query_rows"], q_index)[0] if sorted_queries
           else q.reshape(-1, q.shape[-1]))
@@ -688,7 +727,7 @@ def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
   """Static arguments of the kernel (`_call`) and `emulate_kernel` for these sizes."""
   if isinstance(compensation, bool):
     compensation = "mean" if compensation else "none"
-  # centroid rows follow the keys and the one NaN chunk (see prepare_mgpu)
+  # centroid rows follow the keys and the fill chunk (see prepare_mgpu)
   comp_base = (_key_chunks(seq_len, num_k_clusters, chunk) + 1) * chunk
   per = HALF_K if compensation == "variance" else BLOCK_K
   return dict(num_comp=0 if compensation == "none" else common.cdiv(num_k_clusters, per),
@@ -738,12 +777,13 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   Returns the output rows [N, D] like q_flat. Follows the kernel's data path: a
   warpgroup's 64 query rows read through q_rows (padding and rows past the table read row
   0), the chunks of its cluster's list that its tile's exact steps visit (a pair tile's
-  64-key steps visit half as many per step), padded key rows NaN and masked, compensation
+  64-key steps visit half as many per step), padded key rows masked by their key-row
+  bias, compensation
   steps with its cluster's bias row; it writes its first wg_n rows to their q_rows, and
   every other row is left NaN (the kernel leaves it unwritten). slot_output: the slot
   buffer [G, T * 128, D] instead (every row of every warpgroup). Small sizes only.
   """
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, q_rows = tables
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows = tables
   g, nt = tile_mode.shape
   qr = q_rows.shape[1]
   d = q_flat.shape[-1]
@@ -765,9 +805,11 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
     per = jnp.where(tile_mode[gi, t] == MODE_PAIR, per_step // 2, per_step)
     slot = jnp.arange(chunks.shape[-1] * chunk)
     krow = chunks[gi, c, slot // chunk] * chunk + slot % chunk
-    s = jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
+    real = slot % chunk < chunk_valid[gi, chunks[gi, c, slot // chunk]]
+    s = (jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
+         + jnp.where(real, 0.0, -jnp.inf)[None, :])
     visited = slot // chunk < tile_exact[gi, t] * per
-    s = jnp.where(jnp.isnan(s) | ~visited[None, :], -jnp.inf, s)
+    s = jnp.where(visited[None, :], s, -jnp.inf)
     vals = f32(v_pad[gi, krow])
     if num_comp:
       crow = comp_base + jnp.arange(num_comp * BLOCK_K)

@@ -1,6 +1,6 @@
 """Mosaic GPU sparse-attention kernel (pallas_kernels.sparse_attention_mgpu).
 
-On CPU: its tables and data path (padded sorted copies, NaN padding keys, chunk lists,
+On CPU: its tables and data path (padded sorted copies, key-row biases, chunk lists,
 compensation bias rows, output rows written in the caller's layout) through
 `emulate_kernel` against the float32 token-level reference, and the Pallas -> Mosaic GPU
 lowering for CUDA (jax >= 0.11; the layout inference that rejects unaligned TMA rows runs
@@ -110,13 +110,37 @@ def test_layout_chunks_cover_exactly_the_selected_keys(chunk, impl):
     for c in range(bm.shape[1]):
       lst = chunks[h, c]
       used = lst[:n_exact[h, c] * per_step]
-      assert (lst[n_exact[h, c] * per_step:] == lay["nan_chunk"]).all()
-      rows = (used[used != lay["nan_chunk"]][:, None] * chunk + np.arange(chunk)).ravel()
+      assert (lst[n_exact[h, c] * per_step:] == lay["fill_chunk"]).all()
+      rows = (used[used != lay["fill_chunk"]][:, None] * chunk + np.arange(chunk)).ravel()
       keys = key_rows[h][rows]
       keys = keys[keys >= 0]
       want = np.flatnonzero(bm[h, c][k_lab[h]])
       np.testing.assert_array_equal(np.sort(keys), want)
       assert len(np.unique(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("compensation,chunk", [(True, 16), ("variance", 8)])
+def test_padding_rows_are_zero_keys_past_each_chunks_real_rows(compensation, chunk):
+  # the kernel biases the slots past each chunk's real rows (chunk_valid) by -inf instead
+  # of testing for NaN keys: a cluster's rows must fill its chunks from the first, padding
+  # rows (a cluster's last chunk, the fill chunk) be finite zeros with values 0
+  p = _problem(9, s=333, d=64, kq=5, kk=24, tiny=True)
+  tables, _, k_pad, v_pad, statics, lay = sm.prepare_mgpu(
+      *_args(p), compensation=compensation, chunk=chunk, sm_scale=0.125,
+      **_spread(p, compensation))
+  valid = np.asarray(tables[7])
+  rows = np.asarray(lay["key_rows"])
+  g, n = rows.shape
+  assert valid.shape == (g, statics["comp_base"] // chunk) == (g, n // chunk + 1)
+  real = np.arange(chunk) < valid[..., None]  # [G, chunks, chunk]
+  np.testing.assert_array_equal(real.reshape(g, -1)[:, :n], rows >= 0)
+  assert not real[:, -1].any() and (~real).sum() > chunk * g
+  kp, vp = (np.asarray(x[:, :statics["comp_base"]], np.float32) for x in (k_pad, v_pad))
+  pad = ~real.reshape(g, -1)
+  assert np.all(kp[pad] == 0) and np.all(vp[pad] == 0) and np.isfinite(kp).all()
+  for h in range(g):
+    np.testing.assert_array_equal(kp[h, :n][rows[h] >= 0],
+                                  np.asarray(p["k"][h], np.float32)[rows[h][rows[h] >= 0]])
 
 
 @pytest.mark.parametrize("seed,kk,width,block", [(0, 24, 100, 16), (1, 37, 64, 32),
@@ -153,7 +177,7 @@ def test_layout_tiles_write_each_query_once_in_its_cluster(half, pair):
   mode, exact = np.asarray(lay["tile_mode"]), np.asarray(lay["tile_exact"])
   wg_c, wg_q0, wg_n = (np.asarray(lay[n]) for n in ("wg_c", "wg_q0", "wg_n"))
   rows, n_exact = np.asarray(lay["query_rows"]), np.asarray(lay["n_exact"])
-  n_chunks_half = np.asarray([[np.sum(np.asarray(lay["chunks"])[h, c] != lay["nan_chunk"])
+  n_chunks_half = np.asarray([[np.sum(np.asarray(lay["chunks"])[h, c] != lay["fill_chunk"])
                                for c in range(qs.shape[1])] for h in range(qs.shape[0])])
   n_half = -(-n_chunks_half // (sm.BLOCK_K // sm.CHUNK // 2))
   for h in range(qs.shape[0]):
