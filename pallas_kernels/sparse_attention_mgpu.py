@@ -22,12 +22,12 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   16-row chunks: its shared-memory destinations must be 128-byte aligned.) The first
   version marked padding with NaN keys and tested every logit (q.k != q.k -> -inf: a
   compare and a select per element more, the softmax being the kernel's critical path):
-  77.6 -> 76.4 ms
-  on the kernel benchmark in one run (benchmarks/results/kernels_h200.md, run 3; a
-  kernel with no mask at all, wrong, ran 70.4 ms: the bias load costs the consumers
-  registers and the producer a store and fence per step). A table of real rows beside
-  each list entry (two independent loads in the producer instead of a dependent one)
-  was not faster (77.0 ms) and is G x Kq x width ints, so the table stays per chunk.
+  77.6 -> 76.4 ms on the kernel benchmark in one run (benchmarks/results/kernels_h200.md,
+  run 3; a kernel with no mask at all, wrong, ran 70.4 ms: the bias load costs the
+  consumers registers and the producer a store and fence per step). A table of real
+  rows beside each list entry (two independent loads in the producer instead of a
+  dependent one) was not faster (77.0 ms) and is G x Kq x width ints, so the table stays
+  per chunk.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
   With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
