@@ -24,7 +24,7 @@ from pallas_kernels import common
 _HI = lax.Precision.HIGHEST
 
 
-def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_clusters,
+def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_tiles,
             head_dim, precision):
   n0 = pl.program_id(0) * block_n
   dp = c_ref.shape[-1]  # head_dim padded to a power of two (x's extra columns masked off)
@@ -35,21 +35,23 @@ def _kernel(x_ref, c_ref, csq_ref, o_ref, *, block_n, block_k, num_points, num_c
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.)
   k0 = jnp.arange(block_k)
 
+  def dist(j):
+    # centroids padded to whole tiles: zero rows whose ||c||^2 is +inf, so no mask here
+    idx = j * block_k + k0
+    c = plgpu.load(c_ref.at[idx[:, None], cols[None, :]])
+    c_sq = plgpu.load(csq_ref.at[idx])
+    return c_sq[None, :] - 2.0 * plgpu.dot(x, c, trans_b=True, precision=precision)
+
   def body(j, carry):
     best, arg = carry
-    idx = j * block_k + k0
-    valid = idx < num_clusters
-    c = plgpu.load(c_ref.at[idx[:, None], cols[None, :]], mask=valid[:, None], other=0.)
-    c_sq = plgpu.load(csq_ref.at[idx], mask=valid, other=0.)
-    dist = c_sq[None, :] - 2.0 * plgpu.dot(x, c, trans_b=True, precision=precision)
-    dist = jnp.where(valid[None, :], dist, jnp.inf)
-    tile_best = dist.min(axis=-1)
-    tile_arg = jnp.argmin(dist, axis=-1).astype(jnp.int32) + j * block_k
+    d = dist(j)
+    tile_best = d.min(axis=-1)
+    tile_arg = jnp.argmin(d, axis=-1).astype(jnp.int32) + j * block_k
     better = tile_best < best  # strict: earlier tiles win ties
     return jnp.where(better, tile_best, best), jnp.where(better, tile_arg, arg)
 
   init = (jnp.full((block_n,), jnp.inf, jnp.float32), jnp.zeros((block_n,), jnp.int32))
-  _, arg = lax.fori_loop(0, -(-num_clusters // block_k), body, init)
+  _, arg = lax.fori_loop(0, num_tiles, body, init)
   plgpu.store(o_ref.at[rows], arg, mask=ok)
 
 
@@ -68,7 +70,10 @@ def kmeans_assign(x, centroids, *, num_rows=None, block_n: int = 128, block_k: i
     block_n, block_k: points per program / centroids per tile (powers of two >= 16).
       The defaults were the fastest of 15 tilings on an H100 at Wan 720p (G=40, S=75,600,
       D=128, bf16; `python -m benchmarks.kernels assign`): Q (300 centroids) 0.64 ms,
-      K (1000) 1.82 ms, vs 0.71 / 2.04 ms with 3 stages.
+      K (1000) 1.82 ms, vs 0.71 / 2.04 ms with 3 stages. On an H200 (2026-12-03,
+      kernels_h200.md, centroids padded to whole tiles): 0.60 / 1.66 ms; a running best
+      per (point, lane) reduced once at the end instead of per tile was slower
+      (0.68-0.72 / 1.81 ms at its best tilings).
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -83,12 +88,15 @@ def kmeans_assign(x, centroids, *, num_rows=None, block_n: int = 128, block_k: i
     common.check_block(name, b)
   c = centroids.astype(x.dtype)
   c_sq = jnp.sum(jnp.square(c.astype(jnp.float32)), -1)
+  # The centroids are small: pad them to whole tiles of block_k (zero rows at distance +inf)
+  # and to a power-of-two width (x's extra columns are masked in the kernel).
+  num_tiles = common.cdiv(k, block_k)
   dp = max(16, common.next_pow2(d))
-  if dp != d:  # the centroids are small: pad them; x's extra columns are masked in the kernel
-    c = jnp.pad(c, ((0, 0), (0, 0), (0, dp - d)))
+  c = jnp.pad(c, ((0, 0), (0, num_tiles * block_k - k), (0, dp - d)))
+  c_sq = jnp.pad(c_sq, ((0, 0), (0, num_tiles * block_k - k)), constant_values=jnp.inf)
   precision = _HI if x.dtype == jnp.float32 else None
   kernel = functools.partial(_kernel, block_n=block_n, block_k=block_k, num_points=n,
-                             num_clusters=k, head_dim=d, precision=precision)
+                             num_tiles=num_tiles, head_dim=d, precision=precision)
   return pl.pallas_call(
       kernel, grid=(common.cdiv(n, block_n), g),
       in_specs=[common.head_rows_spec(x, n), common.head_spec(c.shape),

@@ -104,10 +104,20 @@ class KernelTest(CompiledOrInterpret):
     assert float(jnp.mean(got == want)) >= (1.0 if self.INTERPRET else 0.995)
 
   def test_assign_ties_go_to_the_lowest_index(self):
+    kw = dict(block_n=32, block_k=16, interpret=self.INTERPRET)
     x = jnp.zeros((1, 32, 16), jnp.float32)
     c = jnp.zeros((1, 40, 16), jnp.float32)  # every centroid at the same distance
-    got = kmeans_assign(x, c, block_n=32, block_k=16, interpret=self.INTERPRET)
-    assert bool(jnp.all(got == 0))
+    assert bool(jnp.all(kmeans_assign(x, c, **kw) == 0))
+    # point t's nearest centroid appears three times: at index 13 + t (lane 13 + t of
+    # tile 0) and at lanes t of tiles 1 and 2 (2: the tile padded to whole with centroids
+    # at distance +inf); the lowest index must win
+    rng = np.random.default_rng(7)
+    pts = rng.normal(size=(3, 16)).astype(np.float32)
+    cents = 10.0 + rng.normal(size=(40, 16)).astype(np.float32)  # far from every point
+    for t in range(3):
+      cents[[13 + t, 16 + t, 32 + t]] = pts[t]
+    got = kmeans_assign(jnp.asarray(pts)[None], jnp.asarray(cents)[None], **kw)
+    np.testing.assert_array_equal(np.asarray(got)[0], [13, 14, 15])
 
   def test_bad_blocks(self):
     with pytest.raises(ValueError, match="power of two"):
