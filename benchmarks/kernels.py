@@ -1,8 +1,8 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
   python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|probe|assign|smoke] [budget_s]
-  python -m benchmarks.kernels profile [shipped|split|chunk8_split|sorted|dense]
-  python -m benchmarks.kernels trace [shipped|split|chunk8_split|sorted ...]
+  python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|dense]
+  python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted ...]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -288,8 +288,8 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
 
 
 PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped defaults elsewhere)
-    "shipped": {}, "split": dict(split_producers=True),
-    "chunk8_split": dict(chunk_rows=8, split_producers=True),
+    "shipped": {}, "one_producer": dict(split_producers=False),
+    "chunk8": dict(chunk_rows=8),
     "sorted": dict(sorted_queries=True, slot_output=True),
 }
 
@@ -321,7 +321,7 @@ def kernel_alone(args, opts, emulate=False, **call_kw):
 def variant_options(variant):
   """A PROFILE_VARIANTS name's full kernel options (the shipped defaults elsewhere)."""
   return {**dict(chunk_rows=sm.CHUNK, half_tiles=True, pair_half_tiles=True,
-                 sorted_queries=False, slot_output=False, split_producers=False),
+                 sorted_queries=False, slot_output=False, split_producers=True),
           **PROFILE_VARIANTS[variant]}
 
 

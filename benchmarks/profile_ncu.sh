@@ -2,9 +2,9 @@
 # Nsight Compute profiles of the Mosaic sparse kernel (and of jax's dense Mosaic flash
 # attention, its ceiling) on the kernel benchmark's Wan 720p problem, on the GPU machine:
 #
-#   bash benchmarks/profile_ncu.sh OUTDIR [VARIANT ...]      (default: shipped split dense)
+#   bash benchmarks/profile_ncu.sh OUTDIR [VARIANT ...]      (default: shipped one_producer dense)
 #
-# VARIANT: a `python -m benchmarks.kernels profile` name (shipped, split, chunk8_split,
+# VARIANT: a `python -m benchmarks.kernels profile` name (shipped, one_producer, chunk8,
 # sorted, dense). Per variant: OUTDIR/ncu_VARIANT.ncu-rep and a text report
 # OUTDIR/ncu_VARIANT.txt of the second call's kernel (the first compiles and warms L2):
 # speed of light, memory workload (L2 hit rates, DRAM bytes), warp states (stall reasons),
@@ -14,7 +14,7 @@
 set -euo pipefail
 OUTDIR=${1:?usage: profile_ncu.sh OUTDIR [VARIANT ...]}
 shift
-VARIANTS=${*:-shipped split dense}
+VARIANTS=${*:-shipped one_producer dense}
 NCU=${NCU:-ncu}
 mkdir -p "$OUTDIR"
 for v in $VARIANTS; do

@@ -1,12 +1,13 @@
 """Per-query-cluster key-chunk lists of the Mosaic GPU kernel, as one Pallas-Triton kernel.
 
-Query cluster i of head g visits the chunk runs of its selected key clusters in j order:
-slot s of its list belongs to the run j whose [c_start_j, c_end_j) holds s and reads chunk
-pch_start_j + s - c_start_j of the padded keys. In jnp (`chunk_list_reference`) that is a
-scatter of run starts, a cumulative max over the [G, Kq, W] list and a gather (~1 ms and
-several [G, Kq, W] int32 temporaries at Wan 720p, W = 5,728); here each program finds the
-run of each slot by binary search in c_end (10 steps for Kk = 1000, loads that stay in
-L1) and writes the list once.
+Query cluster i of head g visits its chunk runs in run order (the Mosaic kernel's layout
+passes 2 Kk runs: each selected key cluster's full chunks, then each one's partial last
+chunk): slot s of its list belongs to the run j whose [c_start_j, c_end_j) holds s and
+reads chunk pch_start_j + s - c_start_j of the padded keys. In jnp
+(`chunk_list_reference`) that is a scatter of run starts, a cumulative max over the
+[G, Kq, W] list and a gather (~1 ms and several [G, Kq, W] int32 temporaries at Wan 720p,
+W = 5,728); here each program finds the run of each slot by binary search in c_end (11
+steps for 2,000 runs, loads that stay in L1) and writes the list once.
 """
 
 import functools
@@ -64,7 +65,7 @@ def chunk_list(cnt, run_start, *, width: int, fill: int, block: int = 512,
       run j occupies slots [c_start, c_start + cnt) with c_start the exclusive cumsum over j.
     run_start: [G, Kk] int32 first chunk of key cluster j in the padded keys.
     width: W, list slots per query cluster (>= the largest sum over j of cnt).
-    fill: the value past the end of a list (the all-NaN chunk).
+    fill: the value past the end of a list (the all-padding chunk).
     block: slots per vector step (a power of two).
     interpret: Pallas interpret mode (CPU).
 

@@ -28,6 +28,11 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   rows beside each list entry (two independent loads in the producer instead of a
   dependent one) was not faster (77.0 ms) and is G x Kq x width ints, so the table stays
   per chunk.
+- Only a cluster's last chunk can be partial, so each chunk list holds its clusters' full
+  chunks first and their partial chunks after them: a warpgroup's first `wg_clean` exact
+  steps (81% of them at Wan 720p, 62% at 480p) hold no padding slot and run without the
+  bias (no load, no add; the producer writes none where both warpgroups' steps are
+  clean): 77.4 -> 74.6 ms at Wan 720p, 18.0 -> 17.3 ms at 480p (kernels_h200.md run 4).
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
   With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
@@ -51,13 +56,12 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   `sorted_queries=True` reads a sorted padded copy of Q (one copy per warpgroup) and
   `slot_output=True` writes 64-row tiles to a slot buffer that XLA gathers back (the
   first version's data path, with pairing).
-- One producer warpgroup issues a key step's 2 x 128 / chunk_rows TMA copies (keys and
-  values), which is what held the visited rate under the dense kernel's on the H100
-  (64-row chunks came within 1% of it; benchmarks/results/kernels_h100.md).
-  `split_producers=True` gives keys and values a producer warpgroup each (2 x 232 + 2 x 24
-  registers per thread slot) to halve each one's issue work: 0.3-1.3 ms faster at Wan 720p
-  over four runs, even at 480p (kernels_h200.md run 3); not the default yet (the compiled
-  GPU tests run the default).
+- Keys and values have a producer warpgroup each (`split_producers=True`, the default;
+  2 x 232 + 2 x 24 registers per thread slot): a key step's 2 x 128 / chunk_rows TMA
+  copies are what held the visited rate under the dense kernel's on the H100 (64-row
+  chunks came within 1% of it; benchmarks/results/kernels_h100.md), and two issuers halve
+  each one's work: 0.3-1.3 ms faster at Wan 720p in five runs, even at 480p
+  (kernels_h200.md runs 3, 4). `split_producers=False`: one producer for both.
 - The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
   not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
   only the last wave's imbalance (< 1% of the call) could be won back.
@@ -106,9 +110,9 @@ def on_hopper() -> bool:
 
 
 def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_ref,
-            bias_ref, chunk_valid_ref, q_rows_ref, q_ref, k_ref, v_ref, out_ref, scoped, *,
-            num_comp,
-            comp_base, max_steps, mcs, scale, dtype, chunk, variance, split_producers):
+            bias_ref, chunk_valid_ref, q_rows_ref, wg_clean_ref, q_ref, k_ref, v_ref, out_ref,
+            scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype, chunk, variance,
+            split_producers):
   """One CTA = one query tile (head g, tile t); warpgroups 0, 1 compute 64 rows each,
   warpgroup 2 streams the key steps (exact chunk steps, then compensation steps) through
   an `mcs`-deep shared-memory ring (split_producers: warpgroup 2 the keys and bias rows,
@@ -119,7 +123,9 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
   addressed through q_rows_ref. A step's bias rows (b_smem[slot]) arrive on the keys'
   barrier: an exact step's key-slot biases in row 0 (written by the producer from
   chunk_valid_ref, the real rows of each padded key chunk), a compensation step's bias
-  row of each warpgroup's cluster in rows 0 and 1 (copied)."""
+  row of each warpgroup's cluster in rows 0 and 1 (copied). The first wg_clean_ref[g, t, w]
+  exact steps of warpgroup w hold no padding slot (each list has its full chunks first):
+  it adds no bias there, and the producer writes none where both warpgroups' are clean."""
   per_step = BLOCK_K // chunk
   half_step = per_step // 2  # chunks per warpgroup in a pair tile's exact step
   ((qo_smem2, stage2, rows2, k_smem, v_smem, b_smem), (k_bar, v_bar, q_bar, r_bar),
@@ -154,12 +160,13 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
         with scope("wait_k"):
           plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
 
-    def step(i, carry, comp, qo, q_sq=None, split=False):
+    def step(i, carry, comp, qo, q_sq=None, split=False, masked=True):
       """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
       keeps every barrier operation of a computing warpgroup, in the same order, so that
       the producer's ring and the ping-pong rendezvous keep their counts. q_sq: (q*q in
       q's dtype, ||q||) of the warpgroup's rows, for "variance" compensation steps.
-      split: an exact step of a pair tile (this warpgroup's 64 keys of the slot)."""
+      split: an exact step of a pair tile (this warpgroup's 64 keys of the slot).
+      masked=False: an exact step without padding slots (no bias row)."""
       slot = lax.rem(i, jnp.int32(mcs))
       width = HALF_K if (comp and variance) or split else BLOCK_K
       first = wg * HALF_K if split else 0
@@ -200,10 +207,12 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
                      * lax.broadcast_in_dim(radius, qk.shape, [1]))
             s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
                  + jnp.minimum(second * scale, bound))
-          else:  # comp: the cluster's bias row; exact: the key rows' (-inf: padding)
+          elif comp or masked:  # comp: the cluster's bias row; exact: the key rows'
             bias = plgpu.load(b_smem.at[slot, wg] if comp else
                               b_smem.at[slot, 0, pl.ds(first, width)], layout=row_vec)
             s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
+          else:
+            s = qk * scale
       plgpu.barrier_arrive(k_used.at[slot])
       if qo is not None:
         with scope("softmax"):
@@ -234,8 +243,13 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
       return carry
 
     def key_steps(carry, qo, split=False):
-      carry = lax.fori_loop(0, n_exact, functools.partial(step, comp=False, qo=qo, split=split),
-                            carry)
+      exact = functools.partial(step, comp=False, qo=qo, split=split)
+      if qo is None:
+        carry = lax.fori_loop(0, n_exact, exact, carry)
+      else:  # the steps without padding first: no bias row to load and add
+        clean = jnp.minimum(wg_clean_ref[g, t, wg], n_exact)
+        carry = lax.fori_loop(0, clean, functools.partial(exact, masked=False), carry)
+        carry = lax.fori_loop(clean, n_exact, exact, carry)
       if num_comp:
         q_sq = None
         if variance and qo is not None:  # live only during the compensation steps
@@ -328,6 +342,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
 
     c0 = jnp.maximum(wg_c_ref[g, t, 0], 0)
     c1 = jnp.maximum(wg_c_ref[g, t, 1], 0)  # = c0 but in a pair tile
+    clean = jnp.minimum(wg_clean_ref[g, t, 0], wg_clean_ref[g, t, 1])  # steps needing no bias
 
     def sources(i):
       """Step i: (exact, each chunk's first row, each chunk's real rows (exact steps))."""
@@ -352,7 +367,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
           plgpu.copy_gmem_to_smem(k_ref.at[g, pl.ds(r, chunk)],
                                   k_smem.at[slot, pl.ds(j * chunk, chunk)], k_bar.at[slot])
 
-      @pl.when(exact)
+      @pl.when(exact & (i >= clean))
       def _():
         with scope("issue_bias"):
           col = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0,
@@ -362,8 +377,11 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
             end = jnp.where(col < j * chunk, end, j * chunk + valid[j])
           b_smem[slot, 0] = jnp.where(col < end, 0.0, -jnp.inf).astype(jnp.float32)
           plgpu.commit_smem()  # every thread's stores, before the single-thread arrivals
-          plgpu.barrier_arrive(k_bar.at[slot])
-          plgpu.barrier_arrive(k_bar.at[slot])
+
+      @pl.when(exact)
+      def _():
+        plgpu.barrier_arrive(k_bar.at[slot])
+        plgpu.barrier_arrive(k_bar.at[slot])
 
       @pl.when(~exact)
       def _():
@@ -426,20 +444,20 @@ def profile_ranges(d: int, mcs: int, itemsize: int, warpgroups: int) -> int:
 
 
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
-          variance=False, slot_output=False, split_producers=False, profile_dir=None,
+          variance=False, slot_output=False, split_producers=True, profile_dir=None,
           profile_space=None):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
   (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
   slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them).
-  split_producers: two producer warpgroups (keys, values) instead of one.
+  split_producers: two producer warpgroups (keys, values); False: one for both.
   profile_dir: write a Chrome trace of the kernel's named scopes (per CTA and warpgroup,
   at most `profile_space` ranges each, later ones dropped) into this folder per call
   (Mosaic GPU's in-kernel profiler; benchmarks/kernels.py trace sums it up). The
   profiler buffers its events in shared memory: None = as many ranges as the shared
   memory the kernel leaves holds (`profile_ranges`)."""
   per_step = BLOCK_K // chunk
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows = tables
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean = tables
   g, num_tiles = tile_mode.shape
   d = q_in.shape[-1]
   dtype = q_in.dtype
@@ -484,8 +502,8 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
           approx_math=True, **({} if profile_dir is None else dict(
               profile_space=profile_space, profile_dir=profile_dir,
               profile_bounds_check=True))),
-  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, q_in,
-    k_pad, v_pad)
+  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean,
+    q_in, k_pad, v_pad)
 
 
 def _key_chunks(seq_len, num_k_clusters, chunk):
@@ -525,12 +543,15 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
       wg_c [G, T, 2] int32: each warpgroup's query cluster (-1: none),
       wg_q0 [G, T, 2] int32: its first row in the padded queries, in units of chunk,
       wg_n [G, T, 2] int32: its real rows (the first wg_n of its 64; 0: it writes none),
+      wg_clean [G, T, 2] int32: its leading exact steps with no padding slot (the tile's
+        steps: 128 slots, or 64 per warpgroup in a pair tile),
     and per cluster / padded row:
       query_rows [G, QR] int32: sorted query position of each padded query row (-1 =
         padding; query clusters are padded to a multiple of chunk rows too),
       n_exact [G, Kq] int32: 128-slot key steps of each query cluster's chunk list,
       chunks [G, Kq, max_steps * BLOCK_K // chunk] int32: chunk indices (in units of
-        `chunk` rows) into the padded keys (`fill_chunk` past the list's end),
+        `chunk` rows) into the padded keys: the selected clusters' full chunks, then their
+        partial last chunks (`fill_chunk` past the list's end),
       key_rows [G, key_chunks * chunk] int32: sorted key position of each padded key row
         (-1 = padding),
     and fill_chunk (the all-padding chunk after the keys; centroid rows follow it).
@@ -549,26 +570,35 @@ def sparse_layout_mgpu(q_sizes, k_sizes, block_map, *, seq_len: int, chunk: int 
   key_chunks = _key_chunks(s, kk, chunk)
   key_rows, pch_start = _padded_rows(k_sizes, jnp.cumsum(k_sizes, axis=-1) - k_sizes,
                                      key_chunks, chunk)
-  # chunk list of query cluster i: the chunk runs of its exact key clusters, in j order
-  cnt = jnp.where(block_map, nch[:, None, :], 0)
+  # chunk list of query cluster i: the full chunks of its exact key clusters (j order),
+  # then their partial last chunks (j order): its leading key steps hold no padding slot,
+  # so the kernel adds no bias there (runs 0..Kk-1 full chunks, Kk..2Kk-1 partial ones)
+  full = k_sizes // chunk
+  cnt = jnp.concatenate([jnp.where(block_map, full[:, None, :], 0),
+                         jnp.where(block_map, (nch - full)[:, None, :], 0)], -1)
+  run_start = jnp.concatenate([pch_start, pch_start + full], -1)
   n_chunks = jnp.sum(cnt, axis=-1)
+  n_full = jnp.sum(cnt[..., :kk], axis=-1)
   width = common.cdiv(key_chunks, per_step) * per_step
   fill_chunk = key_chunks
   if chunk_impl == "jnp":
-    chunks = chunk_list.chunk_list_reference(cnt, pch_start, width=width, fill=fill_chunk)
+    chunks = chunk_list.chunk_list_reference(cnt, run_start, width=width, fill=fill_chunk)
   else:
-    chunks = chunk_list.chunk_list(cnt, pch_start, width=width, fill=fill_chunk,
+    chunks = chunk_list.chunk_list(cnt, run_start, width=width, fill=fill_chunk,
                                    interpret=chunk_impl == "interpret")
   n_exact = common.cdiv(n_chunks, per_step).astype(jnp.int32)
   tiles = _query_tiles(q_sizes, qch_start, n_exact, common.cdiv(n_chunks, per_step // 2),
-                       num_tiles=common.cdiv(s, TILE_Q) + kq, chunk=chunk,
+                       n_full, num_tiles=common.cdiv(s, TILE_Q) + kq, chunk=chunk,
                        half_tiles=half_tiles, pair=half_tiles and pair_half_tiles)
   return dict(tiles, query_rows=query_rows, n_exact=n_exact, chunks=chunks,
               key_rows=key_rows.astype(jnp.int32), fill_chunk=fill_chunk)
 
 
-def _query_tiles(q_sizes, qch_start, n_exact, n_half, *, num_tiles, chunk, half_tiles, pair):
-  """The tile tables of `sparse_layout_mgpu` (n_half: each list's 64-key steps)."""
+def _query_tiles(q_sizes, qch_start, n_exact, n_half, n_full, *, num_tiles, chunk,
+                 half_tiles, pair):
+  """The tile tables of `sparse_layout_mgpu` (n_half: each list's 64-key steps; n_full:
+  its leading full chunks)."""
+  per_step = BLOCK_K // chunk
   g, kq = q_sizes.shape
   take = lambda a, i: jnp.take_along_axis(a, jnp.clip(i, 0, kq - 1), 1)
   per_tile = TILE_Q // chunk
@@ -601,6 +631,7 @@ def _query_tiles(q_sizes, qch_start, n_exact, n_half, *, num_tiles, chunk, half_
   wg_n = [jnp.where(full, jnp.clip(rows, 0, BLOCK_Q), 0),
           jnp.where(full & (mode == MODE_FULL), jnp.clip(rows - BLOCK_Q, 0, BLOCK_Q), 0)]
   exact = jnp.where(full, take(n_exact, tc), 0)
+  wg_clean = [jnp.where(full, take(n_full, tc) // per_step, 0)] * 2
   if pair:
     p = t - t_end[:, -1:]
     is_pair = ~full & (p < n_pairs)
@@ -611,9 +642,12 @@ def _query_tiles(q_sizes, qch_start, n_exact, n_half, *, num_tiles, chunk, half_
     wg_q0 = [jnp.where(is_pair, half_q0(c), w) for c, w in zip((ca, cb), wg_q0)]
     wg_n = [jnp.where(is_pair, take(last, c), w) for c, w in zip((ca, cb), wg_n)]
     exact = jnp.where(is_pair, jnp.maximum(take(n_half, ca), take(n_half, cb)), exact)
+    wg_clean = [jnp.where(is_pair, take(n_full, c) // (per_step // 2), w)
+                for c, w in zip((ca, cb), wg_clean)]
   i32 = lambda a: a.astype(jnp.int32)
   return dict(tile_mode=i32(mode), tile_exact=i32(exact), wg_c=i32(jnp.stack(wg_c, -1)),
-              wg_q0=i32(jnp.stack(wg_q0, -1)), wg_n=i32(jnp.stack(wg_n, -1)))
+              wg_q0=i32(jnp.stack(wg_q0, -1)), wg_n=i32(jnp.stack(wg_n, -1)),
+              wg_clean=i32(jnp.stack(wg_clean, -1)))
 
 
 def _padded_rows(sizes, offsets, num_chunks, chunk):
@@ -668,7 +702,7 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   chunk (all padding), then the centroids from row comp_base on; the tables end with each
   cluster's compensation bias row, the real rows of each padded key chunk, chunk_valid
   [G, comp_base // chunk] (a cluster's rows fill its chunks from the first; the kernel
-  gives the rest bias -inf), and q_rows.
+  gives the rest bias -inf), q_rows and wg_clean.
 
   The queries are q itself flattened to rows (no copy): the last table, q_rows [G, QR],
   holds the row of each padded sorted query row (-1: padding), which the kernel reads and
@@ -715,7 +749,7 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   k_pad = jnp.concatenate([kp, fill, kc], 1)
   v_pad = jnp.concatenate([vp, fill.astype(vp.dtype), vc], 1)
   tables = (lay["tile_mode"], lay["tile_exact"], lay["wg_c"], lay["wg_q0"], lay["wg_n"],
-            lay["chunks"], bias, chunk_valid, q_rows)
+            lay["chunks"], bias, chunk_valid, q_rows, lay["wg_clean"])
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   q_in = (_heads_first_rows(q, lay["query_rows"], q_index)[0] if sorted_queries
           else q.reshape(-1, q.shape[-1]))
@@ -778,12 +812,12 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   warpgroup's 64 query rows read through q_rows (padding and rows past the table read row
   0), the chunks of its cluster's list that its tile's exact steps visit (a pair tile's
   64-key steps visit half as many per step), padded key rows masked by their key-row
-  bias, compensation
+  bias past the warpgroup's clean steps (none in them), compensation
   steps with its cluster's bias row; it writes its first wg_n rows to their q_rows, and
   every other row is left NaN (the kernel leaves it unwritten). slot_output: the slot
   buffer [G, T * 128, D] instead (every row of every warpgroup). Small sizes only.
   """
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows = tables
+  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean = tables
   g, nt = tile_mode.shape
   qr = q_rows.shape[1]
   d = q_flat.shape[-1]
@@ -805,7 +839,9 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
     per = jnp.where(tile_mode[gi, t] == MODE_PAIR, per_step // 2, per_step)
     slot = jnp.arange(chunks.shape[-1] * chunk)
     krow = chunks[gi, c, slot // chunk] * chunk + slot % chunk
-    real = slot % chunk < chunk_valid[gi, chunks[gi, c, slot // chunk]]
+    # no bias in the warpgroup's clean steps: wrong tables would let padding rows in
+    real = ((slot // chunk < wg_clean[gi, t, w] * per)
+            | (slot % chunk < chunk_valid[gi, chunks[gi, c, slot // chunk]]))
     s = (jnp.einsum("qd,kd->qk", qt, f32(k_pad[gi, krow]), precision=hi) * scale
          + jnp.where(real, 0.0, -jnp.inf)[None, :])
     visited = slot // chunk < tile_exact[gi, t] * per
@@ -852,7 +888,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, pair_half_tiles: bool = True,
                           sorted_queries: bool = False, slot_output: bool = False,
-                          split_producers: bool = False, emulate: bool = False):
+                          split_producers: bool = True, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -873,8 +909,8 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
       caller's layout (+1 output-sized buffer and a gather) instead of row by row in
       place; for comparisons.
     split_producers: stream keys and values from two producer warpgroups (each issues
-      half of a key step's TMA copies; 24 registers each) instead of one; for timing
-      whether the copies' issue rate limits the key steps.
+      half of a key step's TMA copies; 24 registers each); False: one producer (40
+      registers) for both, for comparisons.
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:

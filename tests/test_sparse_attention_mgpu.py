@@ -143,6 +143,38 @@ def test_padding_rows_are_zero_keys_past_each_chunks_real_rows(compensation, chu
                                   np.asarray(p["k"][h], np.float32)[rows[h][rows[h] >= 0]])
 
 
+@pytest.mark.parametrize("chunk,pair", [(16, True), (8, False), (16, False)])
+def test_clean_steps_hold_no_padding_and_are_all_of_them(chunk, pair):
+  # each list has its selected clusters' full chunks first, so a warpgroup's first
+  # wg_clean exact steps (where the kernel adds no bias) hold only real key rows, and the
+  # step after them holds a padding slot (a partial chunk or the fill chunk)
+  p = _problem(10, s=1000, d=64, kq=9, kk=24, density=0.5)
+  tables, _, _, _, _, lay = sm.prepare_mgpu(*_args(p), compensation=True, chunk=chunk,
+                                            pair_half_tiles=pair)
+  valid, clean = np.asarray(tables[7]), np.asarray(tables[9])
+  np.testing.assert_array_equal(clean, np.asarray(lay["wg_clean"]))
+  mode, exact, wg_c = (np.asarray(lay[n]) for n in ("tile_mode", "tile_exact", "wg_c"))
+  chunks = np.asarray(lay["chunks"])
+  per_step = sm.BLOCK_K // chunk
+  assert (mode == sm.MODE_PAIR).any() == pair
+  seen_dirty = 0
+  live = [(h, t, w) for h, t in zip(*np.nonzero(mode > 0)) for w in range(2)
+          if mode[h, t] != sm.MODE_HALF or w == 0]  # a half tile's warpgroup 1 idles
+  for h, t, w in live:
+    per = per_step // 2 if mode[h, t] == sm.MODE_PAIR else per_step
+    lst = chunks[h, wg_c[h, t, w]]
+    n = clean[h, t, w] * per
+    assert (valid[h, lst[:n]] == chunk).all()
+    if clean[h, t, w] < exact[h, t]:  # the next step has a padding slot
+      seen_dirty += 1
+      assert (valid[h, lst[n:n + per]] < chunk).any()
+    # the whole list: full chunks, then partial ones, then the fill chunk
+    full = valid[h, lst] == chunk
+    first_short = np.argmin(full) if not full.all() else len(full)
+    assert not full[first_short:].any()
+  assert seen_dirty and clean.max() > 0
+
+
 @pytest.mark.parametrize("seed,kk,width,block", [(0, 24, 100, 16), (1, 37, 64, 32),
                                                  (2, 5, 300, 128)])
 def test_chunk_list_kernel_matches_reference(seed, kk, width, block):
@@ -312,15 +344,16 @@ def test_pipeline_mosaic_options(monkeypatch):
 @pytest.mark.parametrize("chunk,compensation,variant", [(16, True, None), (8, True, None),
                                                         (16, "variance", None),
                                                         (16, True, "sorted"), (16, True, "slots"),
-                                                        (16, True, "split"),
-                                                        (8, "variance", "split")])
+                                                        (16, True, "one_producer"),
+                                                        (8, "variance", "one_producer")])
 def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
   p = _problem(11, s=1000, d=128, kq=5, kk=24, dtype=jnp.bfloat16)
   fn = functools.partial(sm.sparse_attention_mgpu, compensation=compensation, sm_scale=0.1,
                          chunk_rows=chunk, sorted_queries=variant in ("sorted", "slots"),
-                         slot_output=variant == "slots", split_producers=variant == "split",
+                         slot_output=variant == "slots",
+                         split_producers=variant != "one_producer",
                          **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
@@ -350,10 +383,10 @@ def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chu
   # an idle second warpgroup); s=4096 at density 0.9: chunk lists of ~30 steps, so the key
   # ring wraps many times within a tile; b=2: tokens-first [2, S, 2, D] read and written in
   # place through permutations; b=-2: the same, the queries from a sorted copy; b=-3: and
-  # the output through the slot buffer (b=2 then); b=3: B = 1 with two producer
-  # warpgroups (split_producers)
-  sorted_q, slots, split = b < 0, b == -3, b == 3
-  b = 1 if split else min(abs(b), 2)
+  # the output through the slot buffer (b=2 then); b=3: B = 1 with one producer warpgroup
+  # for keys and values (split_producers=False)
+  sorted_q, slots, split = b < 0, b == -3, b != 3
+  b = 1 if b == 3 else min(abs(b), 2)
   p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
                density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
