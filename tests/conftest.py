@@ -1,18 +1,46 @@
 import gc
+import importlib.metadata
 import os
 import sys
 
 import pytest
 
-# LLVM optimisation level 0 for XLA's CPU programs: the suite's time is mostly compiling
-# thousands of tiny programs whose run time is milliseconds, and level 0 compiles them ~25%
-# faster. Set before jax starts its backend; an XLA_FLAGS that already names it wins.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
+
+def _add_xla_flag(name, value):
+  """Appends --name=value to XLA_FLAGS (read when jax starts its backend) unless it is
+  named there already: the caller's choice wins."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if f"--{name}" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
+def _jaxlib_version():
+  try:
+    return tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+# The suite's time is mostly XLA compiling thousands of tiny CPU programs (eager jnp ops
+# ~30 ms each, interpret-mode kernels) whose run time is milliseconds:
+# - LLVM optimisation level 0 compiles them ~25% faster;
+# - jaxlib 0.10's CPU compiler has its older elemental emitters beside the fusion emitters:
+#   they compile eager ops ~30% faster (tests/test_attention.py::test_pallas_matches_xla
+#   25 -> 16 s); jaxlib 0.11 has only the fusion emitters and rejects the flag;
+# - a persistent compilation cache in .pytest_cache (untracked) lets the three pytest
+#   processes of `make test`, and test modules after jax.clear_caches() below, reuse
+#   programs compiled before (~8% on tests/test_attention.py + test_compensation.py).
+_add_xla_flag("xla_backend_optimization_level", 0)
+if (_jaxlib_version() or (0, 11)) < (0, 11):
+  _add_xla_flag("xla_cpu_use_fusion_emitters", "false")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    _ROOT, ".pytest_cache", f"jax-{'.'.join(map(str, _jaxlib_version() or ('unknown',)))}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Tests import the packages from the checkout, installed or not.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture(autouse=True, scope="module")
