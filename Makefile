@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?=
-PIP_FLAGS = -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# --no-compile: no .pyc for every installed file up front (torch alone has thousands);
+# Python writes them for the modules it imports
+PIP_FLAGS = -q --disable-pip-version-check --no-compile $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: demo test clean
 

@@ -1,6 +1,6 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|probe|assign|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|probe|assign|smoke] [budget_s]
   python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|dense]
   python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted ...]
 
@@ -17,6 +17,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           sorted copy, outputs written in place or to a slot buffer, one or two producer
           warpgroups, vs the Triton kernel. mosaic480: chunk sizes and producers at Wan
           480p's shape (S = 32,760, Kq = 200, Kk = 1000).
+  clean:  the Mosaic kernel with its clean steps (no key-slot bias where a step holds no
+          padding) vs every exact step biased, one and two producers, Wan 720p and 480p.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -287,6 +289,35 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
       emit(what="mosaic", **tag, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
+def clean_steps(budget_end, problem=None, emulate=False):
+  """The kernel alone with its clean steps (a warpgroup's leading exact steps without
+  padding slots run without the key-slot bias) vs the same tables with wg_clean = 0
+  (every exact step biased), with one and with two producers, in one process; the share
+  of clean steps; each output's largest difference from the Triton kernel's."""
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  tri = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=d ** -0.5,
+                                  interpret=emulate, **pipeline._attention_blocks()))
+  ref = tri(*args).astype(jnp.float32)
+  for split in (True, False):
+    if time.time() > budget_end:
+      emit(what="skipped", split_producers=split)
+      continue
+    kern, operands = kernel_alone(args, dict(variant_options("shipped"),
+                                             split_producers=split), emulate=emulate)
+    tables = operands[0]
+    clean = tables[9]
+    emit(what="clean_share", S=s, split_producers=split,
+         clean_steps=int(jnp.sum(jnp.min(clean, -1))), exact_steps=int(jnp.sum(tables[1])))
+    biased = (tables[:9] + (jnp.zeros_like(clean),),) + tuple(operands[1:])
+    for label, ops in (("clean", operands), ("every_step_biased", biased)):
+      rows = sm._clear_uncovered(kern(*ops), args[3], None, args[0].shape)
+      diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
+      ms, how = timing.measure_ms(kern, *ops)
+      emit(what="clean_steps", S=s, split_producers=split, variant=label, kernel_ms=ms,
+           useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_triton=diff, timing=how)
+
+
 PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped defaults elsewhere)
     "shipped": {}, "one_producer": dict(split_producers=False),
     "chunk8": dict(chunk_rows=8),
@@ -549,6 +580,9 @@ def main():
     mosaic([(16, True, True, False, False, False), (8, True, True, False, False, False),
             (16, True, True, False, False, True), (8, True, True, False, False, True)],
            start + budget, problem=dict(s=32760, kq=200, kk=1000))
+  elif mode == "clean":  # clean steps vs every step biased, Wan 720p and 480p
+    clean_steps(start + budget)
+    clean_steps(start + budget, problem=dict(s=32760, kq=200, kk=1000))
   elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
     profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
   elif mode == "trace":  # python -m benchmarks.kernels trace VARIANT...
@@ -566,6 +600,7 @@ def main():
     inputs(small[:1], start + budget, problem=problem, interpret=True)
     mosaic([(16, True, True, False, False, False), (8, False, False, False, True, True)],
            start + budget, problem=problem, emulate=True)
+    clean_steps(start + budget, problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
     assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),

@@ -26,18 +26,13 @@ def _jaxlib_version():
 # - LLVM optimisation level 0 compiles them ~25% faster;
 # - jaxlib 0.10's CPU compiler has its older elemental emitters beside the fusion emitters:
 #   they compile eager ops ~30% faster (tests/test_attention.py::test_pallas_matches_xla
-#   25 -> 16 s); jaxlib 0.11 has only the fusion emitters and rejects the flag;
-# - a persistent compilation cache in .pytest_cache (untracked) lets the three pytest
-#   processes of `make test`, and test modules after jax.clear_caches() below, reuse
-#   programs compiled before (~8% on tests/test_attention.py + test_compensation.py).
+#   25 -> 16 s); jaxlib 0.11 has only the fusion emitters and rejects the flag.
+# (A persistent compilation cache shared by make test's processes was tried: tests/models
+# on jax 0.11 ran 359 s with it, 358 s without.)
 _add_xla_flag("xla_backend_optimization_level", 0)
 if (_jaxlib_version() or (0, 11)) < (0, 11):
   _add_xla_flag("xla_cpu_use_fusion_emitters", "false")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    _ROOT, ".pytest_cache", f"jax-{'.'.join(map(str, _jaxlib_version() or ('unknown',)))}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Tests import the packages from the checkout, installed or not.
 sys.path.insert(0, _ROOT)

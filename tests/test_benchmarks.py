@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks import quality, workloads
 
+pytestmark = pytest.mark.benchmark_scripts
+
 
 def test_workloads_are_seeded_and_shaped():
   grid = workloads.Grid(2, 4, 6)
@@ -98,6 +100,13 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert [x["half_tiles"] for x in mosaic] == [True, False]
   assert [x["slot_output"] for x in mosaic] == [False, True]
   assert mosaic[0]["half_tile_share"] > 0 and mosaic[1]["half_tile_share"] == 0
+  clean = [x for x in lines if x["what"] == "clean_steps"]
+  assert [(x["split_producers"], x["variant"]) for x in clean] == [
+      (True, "clean"), (True, "every_step_biased"), (False, "clean"),
+      (False, "every_step_biased")]
+  assert all(x["max_diff_vs_triton"] < 2e-2 for x in clean)
+  share = [x for x in lines if x["what"] == "clean_share"]
+  assert len(share) == 2 and 0 < share[0]["clean_steps"] < share[0]["exact_steps"]
   probe = [x for x in lines if x["what"] == "probe"]
   assert [x["cluster_splits"] for x in probe] == [1, 3] and not [x for x in probe if "error" in x]
   assign = [x for x in lines if x["what"] == "assign"]

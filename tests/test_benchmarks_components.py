@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import components
 
+pytestmark = pytest.mark.benchmark_scripts
+
 SMOKE_OUTPUTS = {  # (model, op, tiling) -> output shape at the smoke shapes
     ("wan2.1", "decode", "none"): [1, 3, 9, 32, 32],
     ("wan2.1", "decode", "spatial"): [1, 3, 9, 64, 64],

@@ -154,3 +154,23 @@ def test_ear_needs_the_error():
   with pytest.raises(ValueError, match="log_err"):
     routing.route(SvgEarConfig(), _jax_logits(p), jnp.asarray(p["q_sizes"]),
                   jnp.asarray(p["k_sizes"]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_mask_equals_scattering_the_sorted_prefix(seed):
+  # the gather-and-compare form of "the first count entries of the stable descending
+  # order" against the scatter it replaces: values with many ties, -inf and +inf, counts
+  # from 0 to K
+  rng = np.random.default_rng(seed)
+  k = 37
+  x = rng.integers(-3, 4, size=(4, 9, k)).astype(np.float32)
+  x[rng.random(x.shape) < 0.1] = -np.inf
+  x[rng.random(x.shape) < 0.05] = np.inf
+  x = jnp.asarray(x)
+  count = jnp.asarray(rng.integers(0, k + 1, size=(4, 9)), jnp.int32)
+  count = count.at[0, :3].set(jnp.asarray([0, k, 1]))
+  order = routing._descending(x)
+  want = routing._unsort(jnp.arange(k) < count[..., None], order)
+  got = routing._prefix_mask(x, order, count)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(got.sum()) == int(count.sum())
