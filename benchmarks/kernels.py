@@ -234,6 +234,14 @@ def inputs(configs, budget_end, problem=None, interpret=False):
         emit(what="inputs", cfg=cfg, mode=mode, error=f"{type(e).__name__}: {str(e)[:400]}")
 
 
+def shipped_triton(head_dim, emulate=False):
+  """The Pallas-Triton kernel with the tiles the pipeline ships (interpret-mode tiles and
+  interpret mode off GPU), "mean" compensation, jitted: the Mosaic comparisons' reference."""
+  return jax.jit(functools.partial(sa.sparse_attention, compensation=True,
+                                   sm_scale=head_dim ** -0.5, interpret=emulate,
+                                   **pipeline._attention_blocks()))
+
+
 def mosaic(chunks, budget_end, problem=None, emulate=False):
   """The Mosaic GPU kernel per chunk size vs the shipped Triton kernel on the same problem.
 
@@ -251,9 +259,7 @@ def mosaic(chunks, budget_end, problem=None, emulate=False):
   useful = 4 * d * area
   emit(what="problem", G=g, S=s, D=d, Kq=args[5].shape[1], Kk=args[5].shape[2],
        density=area / (g * s * s))
-  # the tiles the pipeline ships (interpret-mode tiles off GPU)
-  tri = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=scale,
-                                  interpret=emulate, **pipeline._attention_blocks()))
+  tri = shipped_triton(d, emulate)
   ref = tri(*args).astype(jnp.float32)
   ms, how = timing.measure_ms(tri, *args)
   emit(what="mosaic_vs_triton", ms=ms, useful_tflops=useful / ms / 1e9, timing=how)
@@ -296,9 +302,7 @@ def clean_steps(budget_end, problem=None, emulate=False):
   of clean steps; each output's largest difference from the Triton kernel's."""
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
-  tri = jax.jit(functools.partial(sa.sparse_attention, compensation=True, sm_scale=d ** -0.5,
-                                  interpret=emulate, **pipeline._attention_blocks()))
-  ref = tri(*args).astype(jnp.float32)
+  ref = shipped_triton(d, emulate)(*args).astype(jnp.float32)
   for split in (True, False):
     if time.time() > budget_end:
       emit(what="skipped", split_producers=split)
