@@ -27,6 +27,8 @@ def _descending(x: jax.Array) -> jax.Array:
 
 
 def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+  """Values in sorted order back to their places (a scatter); the routing uses
+  `_prefix_mask` instead, and tests compare the two."""
   return jnp.put_along_axis(jnp.zeros_like(sorted_values), order, sorted_values, axis=-1,
                             inplace=False)
 
