@@ -81,6 +81,7 @@ def test_model_benchmark_merges_policies_and_peer(tmp_path):
     model.main(common + ["--policies", "sparse"])
 
 
+@pytest.mark.benchmark_kernels
 def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   # benchmarks/kernels.py in interpret mode on tiny shapes: every measurement line is
   # written and no variant errors (the H100 sweep runs the same code at full size)
