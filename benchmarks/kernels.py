@@ -310,10 +310,11 @@ def clean_steps(budget_end, problem=None, emulate=False):
     kern, operands = kernel_alone(args, dict(variant_options("shipped"),
                                              split_producers=split), emulate=emulate)
     tables = operands[0]
-    clean = tables[9]
+    clean = tables.wg_clean
     emit(what="clean_share", S=s, split_producers=split,
-         clean_steps=int(jnp.sum(jnp.min(clean, -1))), exact_steps=int(jnp.sum(tables[1])))
-    biased = (tables[:9] + (jnp.zeros_like(clean),),) + tuple(operands[1:])
+         clean_steps=int(jnp.sum(jnp.min(clean, -1))),
+         exact_steps=int(jnp.sum(tables.tile_exact)))
+    biased = (tables._replace(wg_clean=jnp.zeros_like(clean)),) + tuple(operands[1:])
     for label, ops in (("clean", operands), ("every_step_biased", biased)):
       rows = sm._clear_uncovered(kern(*ops), args[3], None, args[0].shape)
       diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
@@ -465,7 +466,7 @@ def trace(variant, heads=1, problem=None):
     files = sorted(glob.glob(os.path.join(tmp, "*-trace.json")))
     with open(files[-1]) as f:
       data = json.load(f)
-  emit(what="trace", variant=variant, heads=g, tiles=int(tables[0].shape[1]),
+  emit(what="trace", variant=variant, heads=g, tiles=int(tables.tile_mode.shape[1]),
        profile_space=space, events=len(data["traceEvents"]),
        summary=summarize_trace(data, warpgroups, space))
 

@@ -76,6 +76,7 @@ CUDA; the compiled kernel is tested on an H100 / H200 against the float32 refere
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,33 @@ HALF_K = BLOCK_K // 2  # centroids per "variance" compensation step; keys per pa
 # tile modes (sparse_layout_mgpu's tile_mode)
 MODE_NONE, MODE_HALF, MODE_FULL, MODE_PAIR = 0, 1, 2, 3
 _LOG2E = math.log2(math.e)
+
+
+class KernelTables(NamedTuple):
+  """The kernel's tables (`prepare_mgpu`), in the order of the kernel's first refs. Per
+  tile t of T (`sparse_layout_mgpu`) and warpgroup w:
+
+  tile_mode [G, T] int32: MODE_NONE / MODE_HALF / MODE_FULL / MODE_PAIR.
+  tile_exact [G, T] int32: the tile's exact key steps.
+  wg_c [G, T, 2] int32: warpgroup w's query cluster (-1: none).
+  wg_q0 [G, T, 2] int32: its first padded query row, in units of chunk rows.
+  wg_n [G, T, 2] int32: its real rows (the first wg_n of its 64).
+  chunks [G, Kq, W] int32: each query cluster's key chunk list.
+  bias [G, Kq, C] float32: each query cluster's compensation bias rows (128 per step).
+  chunk_valid [G, key chunks + 1] int32: real rows of each padded key chunk.
+  q_rows [G, QR] int32: the caller's flat row of each padded sorted query row (-1: padding).
+  wg_clean [G, T, 2] int32: warpgroup w's leading exact steps without padding slots.
+  """
+  tile_mode: jax.Array
+  tile_exact: jax.Array
+  wg_c: jax.Array
+  wg_q0: jax.Array
+  wg_n: jax.Array
+  chunks: jax.Array
+  bias: jax.Array
+  chunk_valid: jax.Array
+  q_rows: jax.Array
+  wg_clean: jax.Array
 
 
 def on_hopper() -> bool:
@@ -457,11 +485,11 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
   profiler buffers its events in shared memory: None = as many ranges as the shared
   memory the kernel leaves holds (`profile_ranges`)."""
   per_step = BLOCK_K // chunk
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean = tables
-  g, num_tiles = tile_mode.shape
+  tables = KernelTables(*tables)
+  g, num_tiles = tables.tile_mode.shape
   d = q_in.shape[-1]
   dtype = q_in.dtype
-  max_steps = chunks.shape[-1] // per_step
+  max_steps = tables.chunks.shape[-1] // per_step
 
   def entry(*refs):
     tiling = plgpu.TilingTransform((8, 64))
@@ -502,8 +530,7 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
           approx_math=True, **({} if profile_dir is None else dict(
               profile_space=profile_space, profile_dir=profile_dir,
               profile_bounds_check=True))),
-  )(tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean,
-    q_in, k_pad, v_pad)
+  )(*tables, q_in, k_pad, v_pad)  # _kernel's refs: the tables in field order, then the data
 
 
 def _key_chunks(seq_len, num_k_clusters, chunk):
@@ -696,7 +723,8 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
                  compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True,
                  pair_half_tiles=True, sorted_queries=False,
                  chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None):
-  """Kernel inputs: (tables, q rows [N, D], padded keys, values [G, R, D], statics, layout).
+  """Kernel inputs: (KernelTables, q rows [N, D], padded keys, values [G, R, D], statics,
+  layout).
 
   Keys and values are sorted by key cluster and padded (padding rows 0), then the fill
   chunk (all padding), then the centroids from row comp_base on; the tables end with each
@@ -748,8 +776,10 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
     bias = jnp.full((g, kq, BLOCK_K), -jnp.inf, jnp.float32)
   k_pad = jnp.concatenate([kp, fill, kc], 1)
   v_pad = jnp.concatenate([vp, fill.astype(vp.dtype), vc], 1)
-  tables = (lay["tile_mode"], lay["tile_exact"], lay["wg_c"], lay["wg_q0"], lay["wg_n"],
-            lay["chunks"], bias, chunk_valid, q_rows, lay["wg_clean"])
+  tables = KernelTables(
+      tile_mode=lay["tile_mode"], tile_exact=lay["tile_exact"], wg_c=lay["wg_c"],
+      wg_q0=lay["wg_q0"], wg_n=lay["wg_n"], chunks=lay["chunks"], bias=bias,
+      chunk_valid=chunk_valid, q_rows=q_rows, wg_clean=lay["wg_clean"])
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
   q_in = (_heads_first_rows(q, lay["query_rows"], q_index)[0] if sorted_queries
           else q.reshape(-1, q.shape[-1]))
@@ -771,7 +801,8 @@ def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
 def _from_slots(out_slots, tables, query_rows, q_index, shape, chunk):
   """Slot-space output [G, T * 128, D] (slot t * 128 + w * 64 + r: row r of warpgroup w of
   tile t) -> the caller's rows [N, D] (rows of no query cluster: 0). An XLA gather."""
-  mode, _, _, wg_q0, wg_n = tables[:5]
+  tables = KernelTables(*tables)
+  mode, wg_q0, wg_n = tables.tile_mode, tables.wg_q0, tables.wg_n
   g, nt = mode.shape
   s = shape[1]
   qr = query_rows.shape[1]
@@ -817,7 +848,8 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   every other row is left NaN (the kernel leaves it unwritten). slot_output: the slot
   buffer [G, T * 128, D] instead (every row of every warpgroup). Small sizes only.
   """
-  tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows, wg_clean = tables
+  (tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows,
+   wg_clean) = KernelTables(*tables)
   g, nt = tile_mode.shape
   qr = q_rows.shape[1]
   d = q_flat.shape[-1]

@@ -128,7 +128,7 @@ def test_padding_rows_are_zero_keys_past_each_chunks_real_rows(compensation, chu
   tables, _, k_pad, v_pad, statics, lay = sm.prepare_mgpu(
       *_args(p), compensation=compensation, chunk=chunk, sm_scale=0.125,
       **_spread(p, compensation))
-  valid = np.asarray(tables[7])
+  valid = np.asarray(tables.chunk_valid)
   rows = np.asarray(lay["key_rows"])
   g, n = rows.shape
   assert valid.shape == (g, statics["comp_base"] // chunk) == (g, n // chunk + 1)
@@ -151,7 +151,7 @@ def test_clean_steps_hold_no_padding_and_are_all_of_them(chunk, pair):
   p = _problem(10, s=1000, d=64, kq=9, kk=24, density=0.5)
   tables, _, _, _, _, lay = sm.prepare_mgpu(*_args(p), compensation=True, chunk=chunk,
                                             pair_half_tiles=pair)
-  valid, clean = np.asarray(tables[7]), np.asarray(tables[9])
+  valid, clean = np.asarray(tables.chunk_valid), np.asarray(tables.wg_clean)
   np.testing.assert_array_equal(clean, np.asarray(lay["wg_clean"]))
   mode, exact, wg_c = (np.asarray(lay[n]) for n in ("tile_mode", "tile_exact", "wg_c"))
   chunks = np.asarray(lay["chunks"])
