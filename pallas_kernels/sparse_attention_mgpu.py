@@ -137,7 +137,7 @@ def on_hopper() -> bool:
   return any(name in kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
-def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_ref,
+def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks_ref,
             bias_ref, chunk_valid_ref, q_rows_ref, wg_clean_ref, q_ref, k_ref, v_ref, out_ref,
             scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype, chunk, variance,
             split_producers):
@@ -382,7 +382,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunk_
         pos = jnp.where(pair, jnp.minimum(i, 2 * max_steps - 1) * half_step + j % half_step,
                         jnp.minimum(i, max_steps - 1) * per_step + j)
         lst = c0 if j < half_step else jnp.where(pair, c1, c0)
-        listed = chunk_ref[g, lst, pos]
+        listed = chunks_ref[g, lst, pos]
         rows.append(jnp.where(exact, listed, comp_chunk + j) * chunk)
         valid.append(chunk_valid_ref[g, listed])
       return exact, rows, valid

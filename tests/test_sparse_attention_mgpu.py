@@ -9,6 +9,7 @@ there). On a Hopper GPU: the compiled kernel against the same reference.
 
 import functools
 import importlib
+import inspect
 
 import jax
 from jax import export
@@ -141,6 +142,17 @@ def test_padding_rows_are_zero_keys_past_each_chunks_real_rows(compensation, chu
   for h in range(g):
     np.testing.assert_array_equal(kp[h, :n][rows[h] >= 0],
                                   np.asarray(p["k"][h], np.float32)[rows[h][rows[h] >= 0]])
+
+
+def test_tables_are_named_in_the_order_of_the_kernels_refs():
+  # _call passes the tables positionally (*tables): their field order must be the order of
+  # _kernel's first refs, whatever either is renamed to
+  refs = list(inspect.signature(sm._kernel).parameters)[:len(sm.KernelTables._fields)]
+  assert [r.removesuffix("_ref") for r in refs] == list(sm.KernelTables._fields)
+  p = _problem(3, s=1000, d=64, kq=9, kk=24, density=0.5)
+  tables = sm.prepare_mgpu(*_args(p), compensation=True)[0]
+  assert isinstance(tables, sm.KernelTables)
+  assert tables.tile_mode.shape == tables.tile_exact.shape == tables.wg_c.shape[:2]
 
 
 @pytest.mark.parametrize("chunk,pair", [(16, True), (8, False), (16, False)])
