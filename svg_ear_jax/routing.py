@@ -26,15 +26,8 @@ def _descending(x: jax.Array) -> jax.Array:
   return jnp.argsort(-x, axis=-1, stable=True)
 
 
-def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
-  """Values in sorted order back to their places (a scatter); the routing uses
-  `_prefix_mask` instead, and tests compare the two."""
-  return jnp.put_along_axis(jnp.zeros_like(sorted_values), order, sorted_values, axis=-1,
-                            inplace=False)
-
-
 def _prefix_mask(x: jax.Array, order: jax.Array, count: jax.Array) -> jax.Array:
-  """`_unsort(rank < count, order)` for order = `_descending(x)`, without a scatter.
+  """rank < count scattered back through order = `_descending(x)`, without the scatter.
 
   The first `count` entries of the stable descending order are those before or at its
   last one t: x_j > x_t, or x_j == x_t and j <= t (ties go by index). One gather per row

@@ -32,10 +32,9 @@ def _jaxlib_version():
 _add_xla_flag("xla_backend_optimization_level", 0)
 if (_jaxlib_version() or (0, 11)) < (0, 11):
   _add_xla_flag("xla_cpu_use_fusion_emitters", "false")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tests import the packages from the checkout, installed or not.
-sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -170,7 +170,9 @@ def test_prefix_mask_equals_scattering_the_sorted_prefix(seed):
   count = jnp.asarray(rng.integers(0, k + 1, size=(4, 9)), jnp.int32)
   count = count.at[0, :3].set(jnp.asarray([0, k, 1]))
   order = routing._descending(x)
-  want = routing._unsort(jnp.arange(k) < count[..., None], order)
+  # the scatter: each sorted rank's flag back to its place in the row
+  want = jnp.put_along_axis(jnp.zeros(x.shape, bool), order,
+                            jnp.arange(k) < count[..., None], axis=-1, inplace=False)
   got = routing._prefix_mask(x, order, count)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert int(got.sum()) == int(count.sum())
