@@ -1,7 +1,9 @@
+import collections
 import gc
 import importlib.metadata
 import os
 import sys
+import zlib
 
 import pytest
 
@@ -54,17 +56,52 @@ def pytest_addoption(parser):
       help="run only part I of N of the collected tests (round robin over collection order, "
            "so each part gets its share of every file): splits the compiled GPU suite into "
            "runs that each fit one device call")
+  parser.addoption(
+      "--deal", default=None, metavar="I/N",
+      help="of every test function marked split_cases, run only share I of N of its "
+           "parametrized cases (a function with fewer than N cases runs one of them in every "
+           "share): .ci/run deals them between its two interpreters, so that each case runs "
+           "on one and every function on both")
+
+
+def _parse_share(config, name):
+  value = config.getoption(name)
+  if value is None:
+    return None
+  try:
+    i, n = (int(x) for x in value.split("/"))
+  except ValueError:
+    raise pytest.UsageError(f"--{name.lstrip('-')} must be I/N with integers, "
+                            f"got {value!r}") from None
+  if not 1 <= i <= n:
+    raise pytest.UsageError(f"--{name.lstrip('-')} I/N needs 1 <= I <= N, got {value!r}")
+  return i, n
+
+
+def _dealt(items, i, n):
+  """(dropped, kept) by share i of n: the cases of each split_cases function (unless it has
+  a skipif, which may hold on one interpreter only) go round robin from an offset hashed
+  from its name, so that the shares' sizes even out over many functions."""
+  groups = collections.defaultdict(list)
+  for item in items:
+    if item.get_closest_marker("split_cases") and not item.get_closest_marker("skipif"):
+      groups[item.nodeid.split("[")[0]].append(item)
+  drop = set()
+  for name, cases in groups.items():
+    offset = zlib.crc32(name.encode())
+    keep = {j for j in range(len(cases)) if (j + offset) % n == i - 1}
+    keep = keep or {(i - 1 + offset) % len(cases)}
+    drop.update(id(c) for j, c in enumerate(cases) if j not in keep)
+  return [x for x in items if id(x) in drop], [x for x in items if id(x) not in drop]
 
 
 def pytest_collection_modifyitems(config, items):
-  part = config.getoption("--part")
-  if part is None:
-    return
-  try:
-    i, n = (int(x) for x in part.split("/"))
-  except ValueError:
-    raise pytest.UsageError(f"--part must be I/N with integers, got {part!r}") from None
-  if not 1 <= i <= n:
-    raise pytest.UsageError(f"--part I/N needs 1 <= I <= N, got {part!r}")
-  config.hook.pytest_deselected(items=[x for j, x in enumerate(items) if j % n != i - 1])
-  items[:] = [x for j, x in enumerate(items) if j % n == i - 1]
+  deal = _parse_share(config, "--deal")
+  if deal is not None:
+    dropped, items[:] = _dealt(items, *deal)
+    config.hook.pytest_deselected(items=dropped)
+  part = _parse_share(config, "--part")
+  if part is not None:
+    i, n = part
+    config.hook.pytest_deselected(items=[x for j, x in enumerate(items) if j % n != i - 1])
+    items[:] = [x for j, x in enumerate(items) if j % n == i - 1]

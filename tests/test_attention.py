@@ -10,6 +10,8 @@ from svg_ear_jax import (SvgEarConfig, SvgEarState, dense_attention, dense_atten
                          global_head_ids, svg_ear_attention)
 from svg_ear_jax import reference, sparse_attention
 
+pytestmark = pytest.mark.split_cases
+
 SMALL = dict(num_q_clusters=8, num_k_clusters=16, kmeans_iters=8)
 
 

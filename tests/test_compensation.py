@@ -15,6 +15,8 @@ from svg_ear_jax import (SvgEarConfig, SvgEarState, dense_attention_reference,
 from svg_ear_jax import compensation as comp
 from svg_ear_jax import error_probe, pipeline, reference, routing, sparse_attention
 
+pytestmark = pytest.mark.split_cases
+
 sa = importlib.import_module("pallas_kernels.sparse_attention")
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
 

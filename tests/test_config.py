@@ -2,6 +2,8 @@ import pytest
 
 from svg_ear_jax import SvgEarConfig
 
+pytestmark = pytest.mark.split_cases
+
 
 def test_defaults_and_presets():
   cfg = SvgEarConfig()

@@ -7,6 +7,8 @@ import pytest
 
 from svg_ear_jax import SvgEarConfig, svg_ear_attention
 
+pytestmark = pytest.mark.split_cases
+
 B, S, H, D, T = 2, 300, 2, 16, 40
 SMALL = dict(num_q_clusters=8, num_k_clusters=16, kmeans_iters=8)
 

@@ -6,6 +6,8 @@ import pytest
 import numpy_reference as npr
 from svg_ear_jax import kmeans, permutation
 
+pytestmark = pytest.mark.split_cases
+
 
 def _blobs(seed, g=3, n=400, d=8, centers=6, spread=0.3):
   rng = np.random.default_rng(seed)

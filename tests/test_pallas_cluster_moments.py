@@ -12,7 +12,7 @@ from pallas_testing import CompiledOrInterpret
 from svg_ear_jax import compensation, kmeans
 from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.split_cases, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def _sizes(rng, g, s, k):

@@ -28,8 +28,8 @@ from pallas_testing import CompiledOrInterpret
 # the package exports the function `sparse_attention`, which shadows the module attribute
 sa = importlib.import_module("pallas_kernels.sparse_attention")
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.split_cases, pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")]
 
 _TOL = {jnp.float32: dict(atol=2e-5, rtol=1e-5, mean=1e-6),
         jnp.bfloat16: dict(atol=2e-2, rtol=0.0, mean=3e-3)}

@@ -12,7 +12,7 @@ from pallas_kernels import (ear_error_probe, ear_error_probe_reference, kmeans_a
 from pallas_testing import CompiledOrInterpret
 from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.split_cases, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def _probe_problem(seed, g=2, s=300, d=24, kq=70, kk=20, dtype=jnp.float32):

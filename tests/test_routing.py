@@ -6,6 +6,8 @@ import numpy_reference as npr
 from svg_ear_jax import SvgEarConfig, error_probe, routing
 from svg_ear_jax import compensation as comp
 
+pytestmark = pytest.mark.split_cases
+
 
 def _problem(seed, g=2, s=240, d=16, kq=6, kk=12, spread=0.6):
   """Clustered keys/values with random sizes (incl. empty clusters) and query centroids."""

@@ -21,6 +21,8 @@ from svg_ear_jax import SvgEarConfig, svg_ear_attention
 from test_pallas_kernels import (_args, _assert_close, _problem, _spread,  # noqa: F401
                                  abstract_h100, sa)
 
+pytestmark = pytest.mark.split_cases
+
 # the package exports the function `sparse_attention_mgpu`, which shadows the module
 sm = importlib.import_module("pallas_kernels.sparse_attention_mgpu")
 cl = importlib.import_module("pallas_kernels.chunk_list")

@@ -12,7 +12,8 @@ from models import compare_cli, video_metrics
 from models.video_io import read_video, to_uint8, write_mp4
 
 # ffmpeg runs as a subprocess of a (multithreaded) JAX process; it execs at once.
-pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
+pytestmark = [pytest.mark.split_cases,
+              pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")]
 
 
 def _smooth_video(frames=6, height=48, width=64, phase=0.0):

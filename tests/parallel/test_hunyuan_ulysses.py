@@ -14,6 +14,8 @@ from hunyuan_testing import PROMPT_LEN, random_jax_model, tiny_config
 from parallel_testing import Run, assert_state_equal, mesh, rel_err, shard_map_eqns
 from svg_ear_jax import SvgEarConfig
 
+pytestmark = pytest.mark.split_cases
+
 EAR = SvgEarConfig(routing="ear", num_q_clusters=4, num_k_clusters=8, kmeans_iters=4,
                    kmeans_iters_warm=2, implementation="xla")
 SPARSE = AttentionPolicy.sparse(EAR)  # the double and the single block both SVG-EAR
