@@ -13,7 +13,8 @@ kernels (cuBLAS, cub).
       --out benchmarks/results/breakdown_h100 [--hlo-dir /tmp/hlo]
 
 --kmeans-update sorted segment_sum times both k-means centroid updates of the pallas path
-in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended). --layout head-major
+in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended); --route-fill kernel
+sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way. --layout head-major
 feeds the cluster and route stages head-major [B*H, S, D] copies, as before the kernels
 read tokens-first inputs in place, and adds a "layout" stage timing those copies (the
 transposes and, with --dense-tokens, the video slices); --layout tokens-first head-major
@@ -32,6 +33,7 @@ import itertools
 import json
 import os
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,14 +62,16 @@ def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
 
 
 @contextlib.contextmanager
-def kmeans_update(mode: str):
-  """pipeline.KMEANS_UPDATE = mode while the calls made inside are traced."""
-  before = pipeline.KMEANS_UPDATE
+def kmeans_update(mode: str, route_fill: Optional[str] = None):
+  """pipeline.KMEANS_UPDATE = mode and pipeline.ROUTE_FILL = route_fill (default: as it
+  is) while the calls made inside are traced."""
+  before = pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL
   pipeline.KMEANS_UPDATE = mode
+  pipeline.ROUTE_FILL = before[1] if route_fill is None else route_fill
   try:
     yield
   finally:
-    pipeline.KMEANS_UPDATE = before
+    pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL = before
 
 
 def _heads_first(x, num_rows):
@@ -155,6 +159,9 @@ def main(argv=None):
                       choices=["mean", "variance", "none"])
   parser.add_argument("--kmeans-update", nargs="+", default=[pipeline.KMEANS_UPDATE],
                       choices=list(kmeans.UPDATES), help="pallas k-means centroid update(s)")
+  parser.add_argument("--route-fill", nargs="+", default=[pipeline.ROUTE_FILL],
+                      choices=list(pipeline.ROUTE_FILLS),
+                      help="pallas routing's budgeted selection(s) (pipeline.ROUTE_FILL)")
   parser.add_argument("--layout", nargs="+", default=["tokens-first"],
                       choices=["tokens-first", "head-major"],
                       help="what the cluster / route stages read (see the module docstring)")
@@ -174,15 +181,16 @@ def main(argv=None):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
                      routing=args.routing, density=args.density,
                      compensation=args.compensation)
-  runs = list(itertools.product(args.kmeans_update, args.layout))
+  runs = list(itertools.product(args.kmeans_update, args.route_fill, args.layout))
   stages = []
-  for update, layout in runs:
-    tag = "" if len(runs) == 1 else f" [{update}, {layout}]"
-    with kmeans_update(update):
+  for update, fill, layout in runs:
+    tag = "" if len(runs) == 1 else f" [{update}, fill {fill}, {layout}]"
+    with kmeans_update(update, fill):
       for name, fn, fargs in stage_calls(q, k, v, cfg, num_dense=args.dense_tokens,
                                          layout=layout, update=update):
         times = kernel_times(fn, *fargs)
-        stages.append(dict(stage=name + tag, kmeans_update=update, layout=layout,
+        stages.append(dict(stage=name + tag, kmeans_update=update, route_fill=fill,
+                           layout=layout,
                            launches=sum(n for n, _ in times.values()),
                            total_ms=sum(ms for _, ms in times.values()),
                            kernels=[(kname, n, ms) for kname, (n, ms) in times.items()]))

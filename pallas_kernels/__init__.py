@@ -4,6 +4,7 @@ beside a jnp reference.
 Imports nothing from svg_ear_jax: kernels take arrays and block sizes.
 """
 
+from pallas_kernels.budget_route import budget_route, budget_route_reference
 from pallas_kernels.cluster_moments import (cluster_means, cluster_means_reference,
                                              cluster_moments, cluster_moments_reference)
 from pallas_kernels.error_probe import ear_error_probe, ear_error_probe_reference
@@ -12,7 +13,7 @@ from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_r
 from pallas_kernels.sparse_attention_mgpu import on_hopper, sparse_attention_mgpu
 from pallas_kernels.sparse_layout import padding_waste, sparse_attention_metadata
 
-__all__ = ["cluster_means", "cluster_means_reference", "cluster_moments",
+__all__ = ["budget_route", "budget_route_reference", "cluster_means", "cluster_means_reference", "cluster_moments",
            "cluster_moments_reference", "ear_error_probe", "ear_error_probe_reference",
            "kmeans_assign", "kmeans_assign_reference", "on_hopper", "padding_waste",
            "sparse_attention", "sparse_attention_metadata", "sparse_attention_mgpu",

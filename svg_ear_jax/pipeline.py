@@ -29,6 +29,13 @@ from svg_ear_jax.config import SvgEarConfig
 # 2.9 ms faster per Wan 720p call on an H200 (benchmarks/results/breakdown_h200.md).
 KMEANS_UPDATE = "sorted"
 
+# The budgeted step of the "pallas" implementation's routing (forced top blocks, then greedy
+# under the budget; the others use "sort"): "kernel" finds each row's last kept block by
+# bisection in one Pallas kernel (pallas_kernels.budget_route), "sort" is routing's two XLA
+# argsorts. Read when a call is traced.
+ROUTE_FILL = "kernel"
+ROUTE_FILLS = ("kernel", "sort")
+
 # Options of the Mosaic GPU attention kernel beyond its defaults (chunk_rows,
 # split_producers, sorted_queries, slot_output: pallas_kernels.sparse_attention_mgpu), for
 # timing variants of the whole call (`benchmarks/attention.py --mosaic-options`); read
@@ -124,6 +131,18 @@ def _kmeans_update(impl: str, kmeans_update: Optional[str]) -> str:
   if impl != "pallas":
     return "segment_sum"
   return KMEANS_UPDATE if kmeans_update is None else kmeans_update
+
+
+def _route_fill(impl: str) -> routing.Fill:
+  if ROUTE_FILL not in ROUTE_FILLS:
+    raise ValueError(f"pipeline.ROUTE_FILL must be one of {ROUTE_FILLS}, got {ROUTE_FILL!r}")
+  if impl != "pallas" or ROUTE_FILL == "sort":
+    return routing.forced_then_greedy
+
+  def fill(priority, num_forced, score, cost, budget):
+    return _pallas().budget_route(priority, score, cost, budget, num_forced=num_forced,
+                                  interpret=_interpret())
+  return fill
 
 
 def _rows(x: jax.Array, num_rows: Optional[int]) -> int:
@@ -279,7 +298,8 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
       log_err = error_probe.error_probe_xla(
           clusters.q.centroids, k, v, clusters.k.labels, clusters.k.sizes,
           clusters.v_centroids, pseudo, scale=scale, chunk_mb=cfg.xla_chunk_mb)
-  return routing.route(cfg, logits, clusters.q.sizes, clusters.k.sizes, log_err)
+  return routing.route(cfg, logits, clusters.q.sizes, clusters.k.sizes, log_err,
+                       fill=_route_fill(impl))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, block_map: jax.Array,

@@ -5,7 +5,7 @@ logits [G, Kq, Kk], sizes [G, Kq] / [G, Kk]; they return a bool block map [G, Kq
 (True = exact). ALGORITHM.md 2(c) (SVG2 top-p) and 2(e) (error-aware routing).
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,24 @@ def greedy_fill(score: jax.Array, cost: jax.Array, budget: jax.Array,
   return forced | _prefix_mask(score, order, count)
 
 
+def forced_then_greedy(priority: jax.Array, num_forced: int, score: jax.Array,
+                       cost: jax.Array, budget: jax.Array) -> jax.Array:
+  """The `num_forced` largest priorities of every row, then `greedy_fill` of the others by
+  score with the budget their cost leaves: [G, Kq, Kk] bool. The routings' last step;
+  `pallas_kernels.budget_route` computes the same without a sort (its `fill`).
+
+  Args:
+    priority, score, cost: [G, Kq, Kk]; budget: [G, Kq]; num_forced: static int >= 0.
+  """
+  forced = top_k_mask(priority, num_forced)
+  remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, cost, 0.0), axis=-1), 0.0)
+  return greedy_fill(score, cost, remaining, forced)
+
+
+# fill(priority, num_forced, score, cost, budget) -> block map, as forced_then_greedy
+Fill = Callable[[jax.Array, int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 def size_weighted_probs(logits: jax.Array, k_sizes: jax.Array, offset: float = 0.0) -> jax.Array:
   """softmax_j(c_ij + log(n_j + offset)): centroid attention with cluster-size multiplicity."""
   log_n = jnp.log(k_sizes.astype(jnp.float32) + offset)
@@ -111,7 +129,7 @@ def fixed_budget(density: float, q_sizes: jax.Array, k_sizes: jax.Array) -> jax.
 
 
 def topp_route(logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
-               cfg: SvgEarConfig) -> jax.Array:
+               cfg: SvgEarConfig, fill: Fill = forced_then_greedy) -> jax.Array:
   """SVG2 selection by centroid attention mass (ALGORITHM 2(c)).
 
   With `cfg.density=None`: the top-p set of softmax_j(c_ij + log n_j) plus the first
@@ -124,11 +142,8 @@ def topp_route(logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
     keep = top_p_in_order(jnp.take_along_axis(probs, order, axis=-1), cfg.top_p,
                           cfg.num_budget_floor)  # a prefix of the order
     return _prefix_mask(probs, order, jnp.sum(keep, axis=-1, dtype=jnp.int32))
-  area = block_area(q_sizes, k_sizes)
-  forced = top_k_mask(probs, max(1, cfg.num_guaranteed))
-  budget = fixed_budget(cfg.density, q_sizes, k_sizes)
-  remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, area, 0.0), axis=-1), 0.0)
-  return greedy_fill(probs, area, remaining, forced)
+  return fill(probs, max(1, cfg.num_guaranteed), probs, block_area(q_sizes, k_sizes),
+              fixed_budget(cfg.density, q_sizes, k_sizes))
 
 
 def ear_scores(log_err: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
@@ -144,7 +159,7 @@ def ear_scores(log_err: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
 
 
 def ear_route(logits: jax.Array, log_err: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
-              cfg: SvgEarConfig) -> jax.Array:
+              cfg: SvgEarConfig, fill: Fill = forced_then_greedy) -> jax.Array:
   """Error-aware routing (ALGORITHM 2(e)).
 
   Budget per query cluster: the area of the SVG2 top-p set of softmax(c + log(n + 1e-8))
@@ -162,21 +177,21 @@ def ear_route(logits: jax.Array, log_err: jax.Array, q_sizes: jax.Array, k_sizes
     budget = jnp.where(jnp.all(keep, axis=-1), jnp.inf, budget)  # the whole row, exactly
   else:
     budget = fixed_budget(cfg.density, q_sizes, k_sizes)
-  forced = top_k_mask(probs, cfg.num_guaranteed)
-  remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, area, 0.0), axis=-1), 0.0)
-  return greedy_fill(ear_scores(log_err, q_sizes, k_sizes, cfg.gamma), area, remaining, forced)
+  return fill(probs, cfg.num_guaranteed, ear_scores(log_err, q_sizes, k_sizes, cfg.gamma), area,
+              budget)
 
 
 def route(cfg: SvgEarConfig, logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,
-          log_err: Optional[jax.Array] = None) -> jax.Array:
-  """Block map [G, Kq, Kk] bool for `cfg.routing` ("ear" needs `log_err`)."""
+          log_err: Optional[jax.Array] = None, fill: Fill = forced_then_greedy) -> jax.Array:
+  """Block map [G, Kq, Kk] bool for `cfg.routing` ("ear" needs `log_err`); `fill` does the
+  budgeted step of "ear" and of a fixed-density "topp"."""
   if cfg.routing == "dense":
     return jnp.ones(logits.shape, bool)
   if cfg.routing == "topp":
-    return topp_route(logits, q_sizes, k_sizes, cfg)
+    return topp_route(logits, q_sizes, k_sizes, cfg, fill)
   if log_err is None:
     raise ValueError("routing='ear' needs the error estimate log_err")
-  return ear_route(logits, log_err, q_sizes, k_sizes, cfg)
+  return ear_route(logits, log_err, q_sizes, k_sizes, cfg, fill)
 
 
 def block_density(block_map: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array) -> jax.Array:
