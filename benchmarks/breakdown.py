@@ -14,8 +14,8 @@ kernels (cuBLAS, cub).
 
 --kmeans-update sorted segment_sum times both k-means centroid updates of the pallas path
 in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended); --route-fill kernel
-sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way. --layout head-major
-feeds the cluster and route stages head-major [B*H, S, D] copies, as before the kernels
+sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way.
+--layout head-major feeds the cluster and route stages head-major [B*H, S, D] copies, as before the kernels
 read tokens-first inputs in place, and adds a "layout" stage timing those copies (the
 transposes and, with --dense-tokens, the video slices); --layout tokens-first head-major
 runs both. --dense-tokens T appends T text-like tokens that are not clustered

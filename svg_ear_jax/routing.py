@@ -87,22 +87,37 @@ def greedy_fill(score: jax.Array, cost: jax.Array, budget: jax.Array,
   return forced | _prefix_mask(score, order, count)
 
 
+def top_p_budget(priority: jax.Array, cost: jax.Array, top_p: float, floor: int) -> jax.Array:
+  """SVG2's budget: the cost of every row's top-p set of `priority` (descending while the
+  mass before is <= top_p, plus the `floor` largest), +inf where the set is the whole row
+  (so that float32 rounding of the sums never leaves a block out of it): [G, Kq]."""
+  order = _descending(priority)
+  keep = top_p_in_order(jnp.take_along_axis(priority, order, axis=-1), top_p, floor)
+  budget = jnp.sum(jnp.where(keep, jnp.take_along_axis(cost, order, axis=-1), 0.0), axis=-1)
+  return jnp.where(jnp.all(keep, axis=-1), jnp.inf, budget)
+
+
 def forced_then_greedy(priority: jax.Array, num_forced: int, score: jax.Array,
-                       cost: jax.Array, budget: jax.Array) -> jax.Array:
+                       cost: jax.Array, budget: Optional[jax.Array] = None,
+                       top_p: Optional[float] = None, num_floor: int = 0) -> jax.Array:
   """The `num_forced` largest priorities of every row, then `greedy_fill` of the others by
   score with the budget their cost leaves: [G, Kq, Kk] bool. The routings' last step;
   `pallas_kernels.budget_route` computes the same without a sort (its `fill`).
 
   Args:
-    priority, score, cost: [G, Kq, Kk]; budget: [G, Kq]; num_forced: static int >= 0.
+    priority, score, cost: [G, Kq, Kk]; num_forced: static int >= 0.
+    budget: [G, Kq], or None for `top_p_budget(priority, cost, top_p, num_floor)`.
   """
+  if budget is None:
+    budget = top_p_budget(priority, cost, top_p, num_floor)
   forced = top_k_mask(priority, num_forced)
   remaining = jnp.maximum(budget - jnp.sum(jnp.where(forced, cost, 0.0), axis=-1), 0.0)
   return greedy_fill(score, cost, remaining, forced)
 
 
-# fill(priority, num_forced, score, cost, budget) -> block map, as forced_then_greedy
-Fill = Callable[[jax.Array, int, jax.Array, jax.Array, jax.Array], jax.Array]
+# fill(priority, num_forced, score, cost, budget, top_p=None, num_floor=0) -> block map,
+# as forced_then_greedy
+Fill = Callable[..., jax.Array]
 
 
 def size_weighted_probs(logits: jax.Array, k_sizes: jax.Array, offset: float = 0.0) -> jax.Array:
@@ -167,18 +182,14 @@ def ear_route(logits: jax.Array, log_err: jax.Array, q_sizes: jax.Array, k_sizes
   `cfg.num_guaranteed` most probable clusters are always exact; the remaining budget goes
   to the other clusters in order of error-to-area score, greedily.
   """
-  area = block_area(q_sizes, k_sizes)
   probs = size_weighted_probs(logits, k_sizes, offset=_EPS)
+  score = ear_scores(log_err, q_sizes, k_sizes, cfg.gamma)
+  area = block_area(q_sizes, k_sizes)
   if cfg.density is None:
-    order = _descending(probs)
-    keep = top_p_in_order(jnp.take_along_axis(probs, order, axis=-1), cfg.top_p,
-                          cfg.num_budget_floor)
-    budget = jnp.sum(jnp.where(keep, jnp.take_along_axis(area, order, axis=-1), 0.0), axis=-1)
-    budget = jnp.where(jnp.all(keep, axis=-1), jnp.inf, budget)  # the whole row, exactly
-  else:
-    budget = fixed_budget(cfg.density, q_sizes, k_sizes)
-  return fill(probs, cfg.num_guaranteed, ear_scores(log_err, q_sizes, k_sizes, cfg.gamma), area,
-              budget)
+    return fill(probs, cfg.num_guaranteed, score, area, None, top_p=cfg.top_p,
+                num_floor=cfg.num_budget_floor)
+  return fill(probs, cfg.num_guaranteed, score, area,
+              fixed_budget(cfg.density, q_sizes, k_sizes))
 
 
 def route(cfg: SvgEarConfig, logits: jax.Array, q_sizes: jax.Array, k_sizes: jax.Array,

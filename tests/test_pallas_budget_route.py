@@ -46,6 +46,27 @@ class KernelTest(CompiledOrInterpret):
     if num_forced < 37:
       assert kept.mean() < 37  # the budget bites
 
+  @pytest.mark.parametrize("top_p,num_floor,num_forced", [(0.3, 0, 1), (0.6, 3, 2),
+                                                           (0.0, 0, 0), (1.0, 0, 1),
+                                                           (0.999, 40, 5)])
+  def test_top_p_budget_matches_reference_and_routing(self, top_p, num_floor, num_forced):
+    # priorities that are multiples of 1/64 with rows summing to 1: exact mass sums
+    priority, score, cost, _ = _integer_problem(5)
+    priority = jnp.asarray(np.random.default_rng(6).multinomial(
+        64, np.ones(37) / 37, size=priority.shape[:2]) / 64, jnp.float32)
+    got = budget_route(priority, score, cost, num_forced=num_forced, top_p=top_p,
+                       num_floor=num_floor, interpret=self.INTERPRET)
+    kw = dict(num_forced=num_forced, top_p=top_p, num_floor=num_floor)
+    want = budget_route_reference(priority, score, cost, **kw)
+    xla = routing.forced_then_greedy(priority, num_forced, score, cost, None, top_p=top_p,
+                                     num_floor=num_floor)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(want), np.asarray(xla))
+    if top_p >= 1.0 or num_floor >= 37:
+      assert np.all(np.asarray(got))  # the whole row is the budget: +inf
+    elif top_p <= 0.3:
+      assert np.asarray(got).mean() < 0.9
+
   def test_float_inputs_agree_but_for_rounding(self):
     # random float costs: the kernel's row sums and the sort's running sums round
     # differently, so a block whose prefix lands within rounding of the budget may flip
@@ -83,6 +104,10 @@ class TestBudgetRouteInterpret(KernelTest):
 @pytest.mark.parametrize("change,match", [
     (dict(score=jnp.zeros((2, 5, 7))), "share one"),
     (dict(budget=jnp.zeros((2, 6))), "budget must be"),
+    (dict(top_p=0.5), "not both"),
+    (dict(budget=None), "not both or neither"),
+    (dict(budget=None, top_p=-0.1), "top_p must be"),
+    (dict(budget=None, top_p=0.5, num_floor=-2), "num_floor"),
     (dict(num_forced=-1), "num_forced"),
     (dict(num_forced=True), "num_forced"),
     (dict(block_rows=3), "power of two"),
@@ -106,7 +131,8 @@ def test_lowers_to_one_triton_kernel(block_rows, k):
 @pytest.mark.parametrize("routing_name,density", [("ear", 0.3), ("ear", None), ("topp", 0.3)])
 def test_pipeline_route_fills_agree(routing_name, density, monkeypatch):
   """pipeline.ROUTE_FILL: the kernel and the XLA sorts give the pallas call one block map
-  (and so one output), and a bad value is an error."""
+  (and so one output), and a bad value is an error (at trace time of the call: "auto" is
+  the kernel on GPU, the sorts here)."""
   ks = jax.random.split(jax.random.PRNGKey(4), 3)
   q, k, v = (jax.random.normal(x, (1, 160, 2, 16)) for x in ks)
   cfg = SvgEarConfig(routing=routing_name, density=density, num_q_clusters=5,
@@ -117,6 +143,7 @@ def test_pipeline_route_fills_agree(routing_name, density, monkeypatch):
     monkeypatch.setattr(pipeline, "ROUTE_FILL", fill)
     maps[fill] = np.asarray(pipeline.route(q, k, v, clusters, cfg, "pallas"))
   np.testing.assert_array_equal(maps["kernel"], maps["sort"])
+  np.testing.assert_array_equal(maps["auto"], maps["sort"])
   assert 0 < maps["kernel"].mean() < 1
   monkeypatch.setattr(pipeline, "ROUTE_FILL", "bisect")
   with pytest.raises(ValueError, match="ROUTE_FILL"):
