@@ -13,8 +13,8 @@ from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_r
 from pallas_kernels.sparse_attention_mgpu import on_hopper, sparse_attention_mgpu
 from pallas_kernels.sparse_layout import padding_waste, sparse_attention_metadata
 
-__all__ = ["budget_route", "budget_route_reference", "cluster_means", "cluster_means_reference", "cluster_moments",
-           "cluster_moments_reference", "ear_error_probe", "ear_error_probe_reference",
-           "kmeans_assign", "kmeans_assign_reference", "on_hopper", "padding_waste",
-           "sparse_attention", "sparse_attention_metadata", "sparse_attention_mgpu",
-           "sparse_attention_reference"]
+__all__ = ["budget_route", "budget_route_reference", "cluster_means", "cluster_means_reference",
+           "cluster_moments", "cluster_moments_reference", "ear_error_probe",
+           "ear_error_probe_reference", "kmeans_assign", "kmeans_assign_reference", "on_hopper",
+           "padding_waste", "sparse_attention", "sparse_attention_metadata",
+           "sparse_attention_mgpu", "sparse_attention_reference"]
