@@ -15,8 +15,9 @@ kernels (cuBLAS, cub).
 --kmeans-update sorted segment_sum times both k-means centroid updates of the pallas path
 in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended); --route-fill kernel
 sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way.
---layout head-major feeds the cluster and route stages head-major [B*H, S, D] copies, as before the kernels
-read tokens-first inputs in place, and adds a "layout" stage timing those copies (the
+--layout head-major feeds the cluster and route stages head-major [B*H, S, D] copies, as
+before the kernels read tokens-first inputs in place, and adds a "layout" stage timing
+those copies (the
 transposes and, with --dense-tokens, the video slices); --layout tokens-first head-major
 runs both. --dense-tokens T appends T text-like tokens that are not clustered
 (`num_dense_tokens`, HunyuanVideo's layout).
@@ -62,7 +63,7 @@ def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
 
 
 @contextlib.contextmanager
-def kmeans_update(mode: str, route_fill: Optional[str] = None):
+def pipeline_modes(mode: str, route_fill: Optional[str] = None):
   """pipeline.KMEANS_UPDATE = mode and pipeline.ROUTE_FILL = route_fill (default: as it
   is) while the calls made inside are traced."""
   before = pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL
@@ -87,7 +88,7 @@ def stage_calls(q, k, v, cfg, *, num_dense: int = 0, layout: str = "tokens-first
   layout "tokens-first": the stages read q, k, v as `svg_ear_attention` does; "head-major":
   cluster and route read [B*H, S_video, D] copies (the old data flow), made by an extra
   "layout" stage. `update` is the pallas k-means centroid update (KMEANS_UPDATE); call this
-  and run the returned functions inside `kmeans_update(update)` (the whole call reads it
+  and run the returned functions inside `pipeline_modes(update)` (the whole call reads it
   when traced).
   """
   b, s, h, d = q.shape
@@ -185,7 +186,7 @@ def main(argv=None):
   stages = []
   for update, fill, layout in runs:
     tag = "" if len(runs) == 1 else f" [{update}, fill {fill}, {layout}]"
-    with kmeans_update(update, fill):
+    with pipeline_modes(update, fill):
       for name, fn, fargs in stage_calls(q, k, v, cfg, num_dense=args.dense_tokens,
                                          layout=layout, update=update):
         times = kernel_times(fn, *fargs)

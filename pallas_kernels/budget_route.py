@@ -44,25 +44,25 @@ def _midpoint(lo, hi):
   return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
 
 
-def _bisect(pred, lo, hi):
-  """Per row, the boundary of a predicate on int32 thresholds that holds at lo and not at
-  hi and flips once in between: (lo, hi) with hi = lo + 1 after 32 halvings of 2^32."""
+def _bisect(pred, num_rows):
+  """Per row, the boundary of a predicate on int32 thresholds that holds at INT_MIN and
+  not at INT_MAX and flips once in between: (lo, hi) with hi = lo + 1 after 32 halvings
+  of 2^32."""
   def body(_, carry):
     lo, hi = carry
     mid = _midpoint(lo, hi)
     ok = pred(mid)
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-  return lax.fori_loop(0, 32, body, (lo, hi))
+  return lax.fori_loop(0, 32, body, (jnp.full((num_rows,), _INT_MIN, jnp.int32),
+                                     jnp.full((num_rows,), _INT_MAX, jnp.int32)))
 
 
 def _top(key, valid, m):
   """The m largest keys of every row (ties: the lower index), m >= 1 static."""
   count = lambda x: jnp.sum(x.astype(jnp.int32), axis=1)
-  lo0 = jnp.full(key.shape[:1], _INT_MIN, jnp.int32)
-  hi0 = jnp.full(key.shape[:1], _INT_MAX, jnp.int32)
   # the m-th largest t: the largest threshold with >= m keys at or above it (NaN-free
-  # keys are < INT_MAX, so none is at or above hi0)
-  t, _ = _bisect(lambda x: count(valid & (key >= x[:, None])) >= m, lo0, hi0)
+  # keys are < INT_MAX, so none is at or above INT_MAX)
+  t, _ = _bisect(lambda x: count(valid & (key >= x[:, None])) >= m, key.shape[0])
   above = valid & (key > t[:, None])
   tie = valid & (key == t[:, None])
   return above | (tie & (jnp.cumsum(tie.astype(jnp.int32), axis=1)
@@ -80,11 +80,9 @@ def _prefix(key, weight, eligible, limit, strict):
     lim = limit if a.ndim == 1 else limit[:, None]
     return a < lim if strict else a <= lim
   spent = lambda x: jnp.sum(jnp.where(eligible & (key > x[:, None]), weight, 0.), axis=1)
-  lo0 = jnp.full(key.shape[:1], _INT_MIN, jnp.int32)
-  hi0 = jnp.full(key.shape[:1], _INT_MAX, jnp.int32)
   # spent(INT_MIN) is the whole weight, which fails ok() there unless all is kept (below);
   # spent(INT_MAX) = 0 passes it unless nothing is
-  _, u = _bisect(lambda x: ~ok(spent(x)), lo0, hi0)
+  _, u = _bisect(lambda x: ~ok(spent(x)), key.shape[0])
   tie = eligible & (key == u[:, None])
   tie_weight = jnp.where(tie, weight, 0.)
   before = spent(u)[:, None] + jnp.cumsum(tie_weight, axis=1) - tie_weight
