@@ -1,6 +1,7 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|probe|assign|smoke] [budget_s]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|softmax|probe|assign|smoke]
+      [budget_s]
   python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|dense]
   python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted ...]
 
@@ -19,6 +20,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           480p's shape (S = 32,760, Kq = 200, Kk = 1000).
   clean:  the Mosaic kernel with its clean steps (no key-slot bias where a step holds no
           padding) vs every exact step biased, one and two producers, Wan 720p and 480p.
+  softmax: the Mosaic kernel with and without FlashAttention-3's overlap of a step's
+          softmax with the previous step's P.V inside a warpgroup, Wan 720p and 480p.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -323,6 +326,36 @@ def clean_steps(budget_end, problem=None, emulate=False):
            useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_triton=diff, timing=how)
 
 
+SOFTMAX_VARIANTS = {  # name: the kernel's softmax options (`sm._call`)
+    "ping-pong only (shipped)": dict(overlap=False),
+    "overlapped": dict(overlap=True),
+}
+
+
+def softmax_variants(budget_end, problem=None, emulate=False):
+  """The kernel alone (shipped options) with each SOFTMAX_VARIANTS schedule of its exact
+  steps, in one process: with and without FlashAttention-3's overlap of a step's softmax
+  with the previous step's P.V inside a warpgroup; each output's largest difference from
+  the Triton kernel's."""
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  ref = shipped_triton(d, emulate)(*args).astype(jnp.float32)
+  for name, kw in SOFTMAX_VARIANTS.items():
+    if time.time() > budget_end:
+      emit(what="skipped", variant=name)
+      continue
+    try:
+      kern, operands = kernel_alone(args, variant_options("shipped"), emulate=emulate,
+                                    **({} if emulate else kw))
+      rows = sm._clear_uncovered(kern(*operands), args[3], None, args[0].shape)
+      diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
+      ms, how = timing.measure_ms(kern, *operands)
+      emit(what="softmax_variant", S=s, variant=name, **kw, kernel_ms=ms,
+           useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_triton=diff, timing=how)
+    except Exception as e:  # report and go on
+      emit(what="softmax_variant", S=s, variant=name, error=f"{type(e).__name__}: {str(e)[:600]}")
+
+
 PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped defaults elsewhere)
     "shipped": {}, "one_producer": dict(split_producers=False),
     "chunk8": dict(chunk_rows=8),
@@ -588,6 +621,9 @@ def main():
   elif mode == "clean":  # clean steps vs every step biased, Wan 720p and 480p
     clean_steps(start + budget)
     clean_steps(start + budget, problem=dict(s=32760, kq=200, kk=1000))
+  elif mode == "softmax":  # softmax schedules, Wan 720p and 480p
+    softmax_variants(start + budget * 0.6)
+    softmax_variants(start + budget, problem=dict(s=32760, kq=200, kk=1000))
   elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
     profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
   elif mode == "trace":  # python -m benchmarks.kernels trace VARIANT...
@@ -606,6 +642,7 @@ def main():
     mosaic([(16, True, True, False, False, False), (8, False, False, False, True, True)],
            start + budget, problem=problem, emulate=True)
     clean_steps(start + budget, problem=problem, emulate=True)
+    softmax_variants(start + budget, problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
     assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),

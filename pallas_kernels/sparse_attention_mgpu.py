@@ -33,6 +33,15 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   steps (81% of them at Wan 720p, 62% at 480p) hold no padding slot and run without the
   bias (no load, no add; the producer writes none where both warpgroups' steps are
   clean): 77.4 -> 74.6 ms at Wan 720p, 18.0 -> 17.3 ms at 480p (kernels_h200.md run 4).
+- Exact steps keep the row max of the raw logits (q.k plus the key-slot bias, 0 or -inf
+  at any scale) and scale it once per row, so a logit costs one FMA in the exponent's
+  argument (exp2(q.k * scale - m)) instead of a multiply and a subtraction, as jax's dense
+  Mosaic flash attention does: 71.4 -> 70.8 ms at Wan 720p, 17.0 -> 16.4 ms at 480p on an
+  H100 (benchmarks/results/kernels_h100.md, session 17).
+- `overlap_softmax=True` (off by default): FlashAttention-3's intra-warpgroup pipelining
+  of the exact steps (`overlapped_steps`). Its first versions ran 29% slower: ptxas
+  serialized every wgmma (warning C7513) because a register of P(i - 1) was defined while
+  its P.V wgmma ran; P(i) is now cast after that wgmma's wait. Not yet timed.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
   With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
@@ -140,7 +149,7 @@ def on_hopper() -> bool:
 def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks_ref,
             bias_ref, chunk_valid_ref, q_rows_ref, wg_clean_ref, q_ref, k_ref, v_ref, out_ref,
             scoped, *, num_comp, comp_base, max_steps, mcs, scale, dtype, chunk, variance,
-            split_producers):
+            split_producers, overlap):
   """One CTA = one query tile (head g, tile t); warpgroups 0, 1 compute 64 rows each,
   warpgroup 2 streams the key steps (exact chunk steps, then compensation steps) through
   an `mcs`-deep shared-memory ring (split_producers: warpgroup 2 the keys and bias rows,
@@ -188,6 +197,29 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
         with scope("wait_k"):
           plgpu.barrier_wait(k_bar.at[lax.rem(i, jnp.int32(mcs))])
 
+    row_vec = plgpu.Layout.WGMMA.reduce(0)
+
+    def exact_logits(qk, slot, first, width, masked):
+      """An exact step's logits unscaled: q.k, plus the key-slot bias (0, or -inf on
+      padding slots; the same at any scale) in a step with padding slots."""
+      if not masked:
+        return qk
+      bias = plgpu.load(b_smem.at[slot, 0, pl.ds(first, width)], layout=row_vec)
+      return qk + lax.broadcast_in_dim(bias, qk.shape, [1])
+
+    def online_softmax(s, m_i, l_i, raw, cast=True):
+      """One step of the online softmax in base 2: (p in q's dtype (cast=False: float32),
+      new running max, new running sum, the factor alpha that rescales the accumulator).
+      m is kept scaled; raw: s is unscaled logits, scaled inside the exponent's FMA (the
+      row max taken on the raw logits, then scaled: one multiply per row, not per logit)."""
+      row_max = s.max(axis=1)
+      m_new = jnp.maximum(m_i, row_max * scale if raw else row_max)
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp2(m_i - m_use)
+      m_b = lax.broadcast_in_dim(m_use, s.shape, [0])
+      p = jnp.exp2(s * scale - m_b if raw else s - m_b)
+      return p.astype(dtype) if cast else p, m_new, l_i * alpha + p.sum(axis=1), alpha
+
     def step(i, carry, comp, qo, q_sq=None, split=False, masked=True):
       """Key step i. qo=None: warpgroup 1 of a half tile, which computes nothing but
       keeps every barrier operation of a computing warpgroup, in the same order, so that
@@ -226,7 +258,6 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
 
           qk, second = pl.run_scoped(compute_qk, acc_type, acc_type)
       if qo is not None:
-        row_vec = plgpu.Layout.WGMMA.reduce(0)
         with scope("softmax"):
           if comp and variance:
             bias = plgpu.load(b_smem.at[slot, wg, pl.ds(0, HALF_K)], layout=row_vec)
@@ -235,22 +266,16 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
                      * lax.broadcast_in_dim(radius, qk.shape, [1]))
             s = (qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
                  + jnp.minimum(second * scale, bound))
-          elif comp or masked:  # comp: the cluster's bias row; exact: the key rows'
-            bias = plgpu.load(b_smem.at[slot, wg] if comp else
-                              b_smem.at[slot, 0, pl.ds(first, width)], layout=row_vec)
+          elif comp:  # the cluster's bias row
+            bias = plgpu.load(b_smem.at[slot, wg], layout=row_vec)
             s = qk * scale + lax.broadcast_in_dim(bias, qk.shape, [1])
-          else:
-            s = qk * scale
+          else:  # raw logits (+ the key rows' bias: 0 or -inf, any scale)
+            s = exact_logits(qk, slot, first, width, masked)
       plgpu.barrier_arrive(k_used.at[slot])
       if qo is not None:
         with scope("softmax"):
-          m_new = jnp.maximum(m_i, s.max(axis=1))
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+          p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i, raw=not comp)
           acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-          l_i = l_i * alpha + p.sum(axis=1)
-          p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
       plgpu.barrier_arrive(sched)
       with scope("wait_v"):
@@ -270,14 +295,118 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
       plgpu.barrier_arrive(v_used.at[slot])
       return carry
 
+    def end_of_step(i):
+      """The barriers that end key step i's softmax (as in `step`): the ping-pong
+      rendezvous around the wait for step i's values, then step i + 1's keys."""
+      plgpu.barrier_arrive(sched)
+      with scope("wait_v"):
+        plgpu.barrier_wait(v_bar.at[lax.rem(i, jnp.int32(mcs))])
+      with scope("pingpong"):
+        plgpu.barrier_wait(sched)
+      wait_k(i + 1)
+
+    def overlapped_steps(carry, lo, hi, qo, split, masked):
+      """Exact steps lo..hi-1 with the softmax of step i overlapping the P.V wgmma of
+      step i - 1 (FlashAttention-3's intra-warpgroup pipelining): each step issues
+      q.k of step i and P.V of step i - 1 together, waits for q.k only, and waits for
+      P.V after its softmax (then rescales the accumulator). The warpgroup's barrier
+      operations per step are `step`'s, the release of step i - 1's values one step
+      later. The softmax of step i no longer waits for its own q.k after the ping-pong
+      rendezvous (the other warpgroup's wgmmas run meanwhile)."""
+      width = HALF_K if split else BLOCK_K
+      first = wg * HALF_K if split else 0
+      acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
+      out_type = plgpu.ACC((BLOCK_Q, qo.shape[-1]), jnp.float32)
+
+      def ring(i):
+        slot = lax.rem(i, jnp.int32(mcs))
+        if width == BLOCK_K:
+          return slot, k_smem.at[slot], v_smem.at[slot]
+        return (slot, k_smem.at[slot, pl.ds(first, width)],
+                v_smem.at[slot, pl.ds(first, width)])
+
+      def softmax(qk, slot, m_i, l_i, cast=True):
+        s = exact_logits(qk, slot, first, width, masked)
+        plgpu.barrier_arrive(k_used.at[slot])
+        return online_softmax(s, m_i, l_i, raw=True, cast=cast)
+
+      def segment(carry):
+        acc, m_i, l_i = carry
+        slot, keys, _ = ring(lo)
+
+        def first_qk(s_ref):
+          with scope("qk_issue"):
+            plgpu.wgmma(s_ref, qo, keys.transpose((1, 0)))
+          schedule_barrier()
+          with scope("qk_wait"):
+            return s_ref[...]
+
+        qk = pl.run_scoped(first_qk, acc_type)
+        with scope("softmax"):
+          p16, m_i, l_i, alpha = softmax(qk, slot, m_i, l_i)
+          acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+          acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+        end_of_step(lo)
+
+        def body(i, c):
+          acc, p_prev, m_i, l_i = c
+          slot, keys, _ = ring(i)
+          prev, _, values = ring(i - 1)
+
+          def issue(s_ref, o_ref):
+            o_ref[...] = acc
+            with scope("qk_issue"):
+              plgpu.wgmma(s_ref, qo, keys.transpose((1, 0)))
+              plgpu.wgmma(o_ref, p_prev, values)
+            schedule_barrier()
+            with scope("qk_wait"):
+              qk = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+            with scope("softmax"):
+              p, m_new, l_new, alpha = softmax(qk, slot, m_i, l_i, cast=False)
+            with scope("pv_wait"):
+              plgpu.wgmma_wait(0)
+            with scope("softmax"):
+              # P(i) is cast to q's dtype only now: LLVM gives it P(i - 1)'s registers
+              # (the loop carry), and a definition of them while P(i - 1)'s wgmma is in
+              # flight makes ptxas serialize every wgmma of the kernel (warning C7513;
+              # keeping P(i - 1) live instead adds copies of it before its wgmma, which
+              # do the same). The barrier keeps the cast after the wait.
+              p16 = lax.optimization_barrier(p).astype(dtype)
+              out = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
+              out = out * lax.broadcast_in_dim(alpha, out.shape, [0])
+            return out, p16, m_new, l_new
+
+          acc, p16, m_i, l_i = pl.run_scoped(issue, acc_type, out_type)
+          plgpu.barrier_arrive(v_used.at[prev])
+          acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+          end_of_step(i)
+          return acc, p16, m_i, l_i
+
+        acc, p16, m_i, l_i = lax.fori_loop(lo + 1, hi, body, (acc, p16, m_i, l_i))
+        last, _, values = ring(hi - 1)
+
+        def last_pv(o_ref):
+          with scope("pv_issue"):
+            plgpu.wgmma(o_ref, p16, values)
+
+        acc = pl.run_state(last_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_used.at[last])
+        return acc, m_i, l_i
+
+      return lax.cond(lo < hi, segment, lambda c: c, carry)
+
     def key_steps(carry, qo, split=False):
       exact = functools.partial(step, comp=False, qo=qo, split=split)
       if qo is None:
         carry = lax.fori_loop(0, n_exact, exact, carry)
       else:  # the steps without padding first: no bias row to load and add
         clean = jnp.minimum(wg_clean_ref[g, t, wg], n_exact)
-        carry = lax.fori_loop(0, clean, functools.partial(exact, masked=False), carry)
-        carry = lax.fori_loop(clean, n_exact, exact, carry)
+        if overlap:
+          carry = overlapped_steps(carry, 0, clean, qo, split, masked=False)
+          carry = overlapped_steps(carry, clean, n_exact, qo, split, masked=True)
+        else:
+          carry = lax.fori_loop(0, clean, functools.partial(exact, masked=False), carry)
+          carry = lax.fori_loop(clean, n_exact, exact, carry)
       if num_comp:
         q_sq = None
         if variance and qo is not None:  # live only during the compensation steps
@@ -472,8 +601,8 @@ def profile_ranges(d: int, mcs: int, itemsize: int, warpgroups: int) -> int:
 
 
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
-          variance=False, slot_output=False, split_producers=True, profile_dir=None,
-          profile_space=None):
+          variance=False, slot_output=False, split_producers=True, overlap=False,
+          profile_dir=None, profile_space=None):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
   (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
@@ -513,7 +642,7 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
         lambda *scoped: _kernel(*refs, scoped, num_comp=num_comp, comp_base=comp_base,
                                 max_steps=max_steps, mcs=mcs, scale=scale, dtype=dtype,
                                 chunk=chunk, variance=variance,
-                                split_producers=split_producers),
+                                split_producers=split_producers, overlap=overlap),
         smem, barriers, used, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   if profile_dir is not None and profile_space is None:
@@ -913,14 +1042,15 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
     "pair_half_tiles", "sorted_queries", "slot_output", "split_producers",
-    "emulate"))
+    "overlap_softmax", "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation, sm_scale: float, q_index=None, kv_index=None,
                           k_variance=None, k_radius=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, pair_half_tiles: bool = True,
                           sorted_queries: bool = False, slot_output: bool = False,
-                          split_producers: bool = True, emulate: bool = False):
+                          split_producers: bool = True, overlap_softmax: bool = False,
+                          emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -943,6 +1073,10 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
     split_producers: stream keys and values from two producer warpgroups (each issues
       half of a key step's TMA copies; 24 registers each); False: one producer (40
       registers) for both, for comparisons.
+    overlap_softmax: overlap each exact step's softmax with the previous step's P.V
+      wgmma inside a warpgroup (FlashAttention-3's intra-warpgroup pipelining) on top of
+      the ping-pong between warpgroups; off by default until it is measured faster
+      (benchmarks/results/kernels_h100.md, session 17).
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
@@ -978,7 +1112,7 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
   else:
     out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
                 scale=scale, slot_output=slot_output, split_producers=split_producers,
-                **statics)
+                overlap=overlap_softmax, **statics)
   if slot_output:
     out = _from_slots(out, tables, lay["query_rows"], q_index, q.shape, chunk_rows)
   else:

@@ -40,12 +40,13 @@ ROUTE_FILL = "auto"
 ROUTE_FILLS = ("auto", "kernel", "sort")
 
 # Options of the Mosaic GPU attention kernel beyond its defaults (chunk_rows,
-# split_producers, sorted_queries, slot_output: pallas_kernels.sparse_attention_mgpu), for
+# split_producers, overlap_softmax, ...: pallas_kernels.sparse_attention_mgpu), for
 # timing variants of the whole call (`benchmarks/attention.py --mosaic-options`); read
 # when a call is traced.
 MOSAIC_OPTIONS: dict = {}
 MOSAIC_OPTION_NAMES = ("chunk_rows", "split_producers", "sorted_queries", "slot_output",
-                       "half_tiles", "pair_half_tiles", "max_concurrent_steps")
+                       "half_tiles", "pair_half_tiles", "max_concurrent_steps",
+                       "overlap_softmax")
 
 
 @jax.tree_util.register_dataclass

@@ -359,7 +359,9 @@ def test_pipeline_mosaic_options(monkeypatch):
                                                         (16, "variance", None),
                                                         (16, True, "sorted"), (16, True, "slots"),
                                                         (16, True, "one_producer"),
-                                                        (8, "variance", "one_producer")])
+                                                        (8, "variance", "one_producer"),
+                                                        (16, True, "overlap"),
+                                                        (16, "variance", "overlap")])
 def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
@@ -368,7 +370,7 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
                          chunk_rows=chunk, sorted_queries=variant in ("sorted", "slots"),
                          slot_output=variant == "slots",
                          split_producers=variant != "one_producer",
-                         **_spread(p, compensation))
+                         overlap_softmax=variant == "overlap", **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
@@ -390,7 +392,9 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
                           (True, False, 10, 2, 128, 16, True, True, 1000, 0.5, -2),
                           (True, False, 11, 2, 128, 16, True, True, 1000, 0.5, -3),
                           (True, False, 12, 2, 128, 16, True, True, 4096, 0.9, 3),
-                          ("variance", True, 13, 3, 64, 8, True, False, 1000, 0.3, 3)])
+                          ("variance", True, 13, 3, 64, 8, True, False, 1000, 0.3, 3),
+                          (True, False, 14, 2, 128, 16, True, True, 4096, 0.9, 4),
+                          ("variance", True, 15, 2, 64, 16, True, True, 1000, 0.3, 4)])
 def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chunk, half, pair,
                                            s, density, b):
   # kq=9: clusters of ~110 rows at s=1000, so full tiles and half tiles (paired, or with
@@ -398,14 +402,15 @@ def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chu
   # ring wraps many times within a tile; b=2: tokens-first [2, S, 2, D] read and written in
   # place through permutations; b=-2: the same, the queries from a sorted copy; b=-3: and
   # the output through the slot buffer (b=2 then); b=3: B = 1 with one producer warpgroup
-  # for keys and values (split_producers=False)
-  sorted_q, slots, split = b < 0, b == -3, b != 3
-  b = 1 if b == 3 else min(abs(b), 2)
+  # for keys and values (split_producers=False); b=4: B = 1, each exact step's softmax
+  # overlapped with the previous step's P.V (overlap_softmax=True)
+  sorted_q, slots, split, overlap = b < 0, b == -3, b != 3, b == 4
+  b = 1 if b in (3, 4) else min(abs(b), 2)
   p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
                density=density)
   kw = dict(compensation=compensation, sm_scale=d ** -0.5, chunk_rows=chunk, half_tiles=half,
             pair_half_tiles=pair, sorted_queries=sorted_q, slot_output=slots,
-            split_producers=split, **_spread(p, compensation))
+            split_producers=split, overlap_softmax=overlap, **_spread(p, compensation))
   lay = sm.sparse_layout_mgpu(p["q_sizes"], p["k_sizes"], p["block_map"], seq_len=s,
                               chunk=chunk, half_tiles=half, pair_half_tiles=pair)
   mode = lay["tile_mode"]
