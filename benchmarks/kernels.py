@@ -2,8 +2,8 @@
 
   python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|softmax|probe|assign|smoke]
       [budget_s]
-  python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|dense]
-  python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted ...]
+  python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|overlap|dense]
+  python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted|overlap ...]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -360,13 +360,15 @@ PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped default
     "shipped": {}, "one_producer": dict(split_producers=False),
     "chunk8": dict(chunk_rows=8),
     "sorted": dict(sorted_queries=True, slot_output=True),
+    "overlap": dict(overlap_softmax=True),
 }
 
 
 def kernel_alone(args, opts, emulate=False, **call_kw):
   """The Mosaic kernel alone on the problem `args` ("mean" compensation, 2 ring slots):
   (the jitted `sm._call` with `opts` (chunk_rows, half_tiles, pair_half_tiles,
-  sorted_queries, slot_output, split_producers) and `call_kw`, its prepared operands
+  sorted_queries, slot_output, split_producers, overlap_softmax: off if not given) and
+  `call_kw`, its prepared operands
   (tables, q, padded k, padded v)). emulate: `sm.emulate_kernel` instead (CPU)."""
   g, s, d = args[0].shape
   chunk = opts["chunk_rows"]
@@ -383,14 +385,17 @@ def kernel_alone(args, opts, emulate=False, **call_kw):
   else:
     kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale,
                              slot_output=opts["slot_output"],
-                             split_producers=opts["split_producers"], **statics, **call_kw)
+                             split_producers=opts["split_producers"],
+                             **{"overlap": opts.get("overlap_softmax", False), **call_kw},
+                             **statics)
   return jax.jit(kern), operands
 
 
 def variant_options(variant):
   """A PROFILE_VARIANTS name's full kernel options (the shipped defaults elsewhere)."""
   return {**dict(chunk_rows=sm.CHUNK, half_tiles=True, pair_half_tiles=True,
-                 sorted_queries=False, slot_output=False, split_producers=True),
+                 sorted_queries=False, slot_output=False, split_producers=True,
+                 overlap_softmax=False),
           **PROFILE_VARIANTS[variant]}
 
 
