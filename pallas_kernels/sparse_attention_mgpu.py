@@ -199,6 +199,18 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
 
     row_vec = plgpu.Layout.WGMMA.reduce(0)
 
+    def qk_across_rendezvous(qo, keys, width):
+      """q.k of one step [64, width] float32 (keys: [width, D] of a ring slot): issued,
+      the ping-pong rendezvous (the other warpgroup's softmax ends), then waited for."""
+      def issue(acc_ref):
+        with scope("qk_issue"):
+          plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
+        schedule_barrier()
+        with scope("qk_wait"):
+          return acc_ref[...]
+
+      return pl.run_scoped(issue, plgpu.ACC((BLOCK_Q, width), jnp.float32))
+
     def exact_logits(qk, slot, first, width, masked):
       """An exact step's logits unscaled: q.k, plus the key-slot bias (0, or -inf on
       padding slots; the same at any scale) in a step with padding slots."""
@@ -238,14 +250,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
         acc, m_i, l_i = carry
         acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
         if not (comp and variance):
-          def compute_qk(acc_ref):
-            with scope("qk_issue"):
-              plgpu.wgmma(acc_ref, qo, keys.transpose((1, 0)))
-            schedule_barrier()
-            with scope("qk_wait"):
-              return acc_ref[...]
-
-          qk = pl.run_scoped(compute_qk, acc_type)
+          qk = qk_across_rendezvous(qo, keys, width)
         else:
           def compute_qk(acc_ref, second_ref):
             with scope("qk_issue"):
@@ -334,14 +339,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
         acc, m_i, l_i = carry
         slot, keys, _ = ring(lo)
 
-        def first_qk(s_ref):
-          with scope("qk_issue"):
-            plgpu.wgmma(s_ref, qo, keys.transpose((1, 0)))
-          schedule_barrier()
-          with scope("qk_wait"):
-            return s_ref[...]
-
-        qk = pl.run_scoped(first_qk, acc_type)
+        qk = qk_across_rendezvous(qo, keys, width)
         with scope("softmax"):
           p16, m_i, l_i, alpha = softmax(qk, slot, m_i, l_i)
           acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
