@@ -230,3 +230,49 @@ def test_summarize_trace_exclusive_shares():
   assert c1["scopes"]["pv"]["total"] == 3 and c1["scopes"]["wait_k"]["total"] == 3
   assert list(prod["scopes"]) == ["wait_k_used", "issue_k"]  # largest first
   assert prod["scopes"]["wait_k_used"]["share"] == 7 / 8 and abs(prod["unscoped"]) < 1e-12
+
+
+_PTX_STAGE = """\
+	wgmma.fence.sync.aligned;
+	{ wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1,%r2}, %rd1, %rd2, p; }
+	add.s64 	%rd3, %rd1, 2;
+	mov.b32 	%r9, %r20;
+	{REDEF}
+	{ wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r5,%r6}, {%r10,%r11}, %rd3; }
+	wgmma.commit_group.sync.aligned;
+	wgmma.wait_group.sync.aligned 1;
+	{CAST}
+	wgmma.wait_group.sync.aligned 0;
+	cvt.rn.bf16x2.f32 	%r10, %r7, %r8;
+"""
+
+
+def test_ptx_stages_finds_definitions_of_wgmma_inputs_inside_a_stage(capsys, tmp_path):
+  from benchmarks import ptx_stages
+  # clean: descriptors (64-bit) and other registers defined between the wgmmas, the A
+  # operand redefined only after the last wait
+  clean = _PTX_STAGE.replace("{REDEF}", "").replace("{CAST}", "mul.f32 \t%r30, %r1, %r2;")
+  assert ptx_stages.stage_hazards(clean) == []
+  # the next wgmma's accumulator set between the two, then fenced: no warning from ptxas;
+  # not fenced: listed
+  init = lambda fence: _PTX_STAGE.replace("{CAST}", "").replace(
+      "{REDEF}", "mov.b32 \t%r5, %r40;" + ("\n\twgmma.fence.sync.aligned;" if fence else ""))
+  assert ptx_stages.stage_hazards(init(True)) == []
+  [(_, _, [unfenced])] = ptx_stages.stage_hazards(init(False))
+  assert (unfenced.register, unfenced.line, unfenced.wgmma_line) == ("%r5", 5, 6)
+  # a copy into the second wgmma's A operand after the first wgmma, and a cast into it
+  # (guarded) while that wgmma is in flight: both are the C7513 pattern
+  bad = _PTX_STAGE.replace("{REDEF}", "mov.b32 \t%r10, %r21;").replace(
+      "{CAST}", "@%p1 cvt.rn.bf16x2.f32 \t%r11, %r7, %r8;")
+  [(start, end, found)] = ptx_stages.stage_hazards(bad)
+  assert (start, end) == (2, 10)
+  assert [(h.line, h.register, h.wgmma_line) for h in found] == [(5, "%r10", 6),
+                                                                 (9, "%r11", 6)]
+  path = tmp_path / "k.ptx"
+  path.write_text(bad)
+  ptx_stages.main([str(path)])
+  out = capsys.readouterr().out
+  assert "stage at lines 2-10: 2 definitions" in out and "line 9: @%p1 cvt" in out
+  path.write_text(clean)
+  ptx_stages.main([str(path)])
+  assert "no non-wgmma definition" in capsys.readouterr().out
