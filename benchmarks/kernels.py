@@ -319,39 +319,35 @@ def clean_steps(budget_end, problem=None, emulate=False):
          exact_steps=int(jnp.sum(tables.tile_exact)))
     biased = (tables._replace(wg_clean=jnp.zeros_like(clean)),) + tuple(operands[1:])
     for label, ops in (("clean", operands), ("every_step_biased", biased)):
-      rows = sm._clear_uncovered(kern(*ops), args[3], None, args[0].shape)
-      diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
-      ms, how = timing.measure_ms(kern, *ops)
-      emit(what="clean_steps", S=s, split_producers=split, variant=label, kernel_ms=ms,
-           useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_triton=diff, timing=how)
+      emit(what="clean_steps", S=s, split_producers=split, variant=label,
+           **_kernel_run(kern, ops, args, area, ref))
 
 
-SOFTMAX_VARIANTS = {  # name: the kernel's softmax options (`sm._call`)
-    "ping-pong only (shipped)": dict(overlap=False),
-    "overlapped": dict(overlap=True),
-}
+def _kernel_run(kern, operands, args, area, ref):
+  """The kernel alone on its prepared operands: kernel_ms, useful TFLOP/s, its output's
+  largest difference from `ref` (Triton's output), how it was timed."""
+  rows = sm._clear_uncovered(kern(*operands), args[3], None, args[0].shape)
+  diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
+  ms, how = timing.measure_ms(kern, *operands)
+  return dict(kernel_ms=ms, useful_tflops=4 * args[0].shape[-1] * area / ms / 1e9,
+              max_diff_vs_triton=diff, timing=how)
 
 
 def softmax_variants(budget_end, problem=None, emulate=False):
-  """The kernel alone (shipped options) with each SOFTMAX_VARIANTS schedule of its exact
-  steps, in one process: with and without FlashAttention-3's overlap of a step's softmax
-  with the previous step's P.V inside a warpgroup; each output's largest difference from
-  the Triton kernel's."""
+  """The kernel alone, shipped and with FlashAttention-3's overlap of a step's softmax
+  with the previous step's P.V inside a warpgroup (PROFILE_VARIANTS "overlap"), in one
+  process; each output's largest difference from the Triton kernel's."""
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
   ref = shipped_triton(d, emulate)(*args).astype(jnp.float32)
-  for name, kw in SOFTMAX_VARIANTS.items():
+  for name in ("shipped", "overlap"):
     if time.time() > budget_end:
       emit(what="skipped", variant=name)
       continue
     try:
-      kern, operands = kernel_alone(args, variant_options("shipped"), emulate=emulate,
-                                    **({} if emulate else kw))
-      rows = sm._clear_uncovered(kern(*operands), args[3], None, args[0].shape)
-      diff = float(jnp.max(jnp.abs(rows.reshape(args[0].shape).astype(jnp.float32) - ref)))
-      ms, how = timing.measure_ms(kern, *operands)
-      emit(what="softmax_variant", S=s, variant=name, **kw, kernel_ms=ms,
-           useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_triton=diff, timing=how)
+      kern, operands = kernel_alone(args, variant_options(name), emulate=emulate)
+      emit(what="softmax_variant", S=s, variant=name, **_kernel_run(kern, operands, args,
+                                                                     area, ref))
     except Exception as e:  # report and go on
       emit(what="softmax_variant", S=s, variant=name, error=f"{type(e).__name__}: {str(e)[:600]}")
 
@@ -386,8 +382,8 @@ def kernel_alone(args, opts, emulate=False, **call_kw):
     kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale,
                              slot_output=opts["slot_output"],
                              split_producers=opts["split_producers"],
-                             **{"overlap": opts.get("overlap_softmax", False), **call_kw},
-                             **statics)
+                             overlap=opts.get("overlap_softmax", False), **statics,
+                             **call_kw)
   return jax.jit(kern), operands
 
 

@@ -199,6 +199,13 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
 
     row_vec = plgpu.Layout.WGMMA.reduce(0)
 
+    def ring(i, width, first):
+      """Step i's ring slot and its keys and values [width, D] from row `first`."""
+      slot = lax.rem(i, jnp.int32(mcs))
+      if width == BLOCK_K:
+        return slot, k_smem.at[slot], v_smem.at[slot]
+      return slot, k_smem.at[slot, pl.ds(first, width)], v_smem.at[slot, pl.ds(first, width)]
+
     def qk_across_rendezvous(qo, keys, width):
       """q.k of one step [64, width] float32 (keys: [width, D] of a ring slot): issued,
       the ping-pong rendezvous (the other warpgroup's softmax ends), then waited for."""
@@ -239,11 +246,9 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
       q's dtype, ||q||) of the warpgroup's rows, for "variance" compensation steps.
       split: an exact step of a pair tile (this warpgroup's 64 keys of the slot).
       masked=False: an exact step without padding slots (no bias row)."""
-      slot = lax.rem(i, jnp.int32(mcs))
       width = HALF_K if (comp and variance) or split else BLOCK_K
       first = wg * HALF_K if split else 0
-      keys = k_smem.at[slot] if width == BLOCK_K else k_smem.at[slot, pl.ds(first, width)]
-      values = v_smem.at[slot] if width == BLOCK_K else v_smem.at[slot, pl.ds(first, width)]
+      slot, keys, values = ring(i, width, first)
       if qo is None:
         schedule_barrier()
       else:
@@ -323,13 +328,6 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
       acc_type = plgpu.ACC((BLOCK_Q, width), jnp.float32)
       out_type = plgpu.ACC((BLOCK_Q, qo.shape[-1]), jnp.float32)
 
-      def ring(i):
-        slot = lax.rem(i, jnp.int32(mcs))
-        if width == BLOCK_K:
-          return slot, k_smem.at[slot], v_smem.at[slot]
-        return (slot, k_smem.at[slot, pl.ds(first, width)],
-                v_smem.at[slot, pl.ds(first, width)])
-
       def softmax(qk, slot, m_i, l_i, cast=True):
         s = exact_logits(qk, slot, first, width, masked)
         plgpu.barrier_arrive(k_used.at[slot])
@@ -337,7 +335,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
 
       def segment(carry):
         acc, m_i, l_i = carry
-        slot, keys, _ = ring(lo)
+        slot, keys, _ = ring(lo, width, first)
 
         qk = qk_across_rendezvous(qo, keys, width)
         with scope("softmax"):
@@ -348,8 +346,8 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
 
         def body(i, c):
           acc, p_prev, m_i, l_i = c
-          slot, keys, _ = ring(i)
-          prev, _, values = ring(i - 1)
+          slot, keys, _ = ring(i, width, first)
+          prev, _, values = ring(i - 1, width, first)
 
           def issue(s_ref, o_ref):
             o_ref[...] = acc
@@ -381,7 +379,7 @@ def _kernel(tile_mode_ref, tile_exact_ref, wg_c_ref, wg_q0_ref, wg_n_ref, chunks
           return acc, p16, m_i, l_i
 
         acc, p16, m_i, l_i = lax.fori_loop(lo + 1, hi, body, (acc, p16, m_i, l_i))
-        last, _, values = ring(hi - 1)
+        last, _, values = ring(hi - 1, width, first)
 
         def last_pv(o_ref):
           with scope("pv_issue"):
