@@ -171,7 +171,7 @@ def parse_mosaic_options(text: str) -> dict:
       number = int(value)
     except ValueError:
       raise ValueError(f"--mosaic-options: {name} needs an integer, got {value!r}") from None
-    flag = name not in ("chunk_rows", "max_concurrent_steps")
+    flag = name not in ("chunk_rows", "max_concurrent_steps", "heads_per_call")
     options[name] = bool(number) if flag else number
   return options
 

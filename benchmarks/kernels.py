@@ -1,9 +1,9 @@
 """H100 checks and timings of the Pallas sparse-attention kernels: layouts and tile sizes.
 
-  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|softmax|probe|assign|smoke]
-      [budget_s]
-  python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|overlap|dense]
-  python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted|overlap ...]
+  python -m benchmarks.kernels [sweep|inputs|mosaic|mosaic480|clean|softmax|calls|probe|
+                               assign|smoke] [budget_s]
+  python -m benchmarks.kernels profile [shipped|one_producer|chunk8|sorted|no_overlap|dense]
+  python -m benchmarks.kernels trace [shipped|one_producer|chunk8|sorted|no_overlap ...]
 
 Wan 720p attention shapes: G = 40 heads, S = 75,600, D = 128, bf16, Kq = 300, Kk = 1000
 Dirichlet(2) cluster sizes, random block map of area density ~0.25. Prints one JSON line per
@@ -22,6 +22,8 @@ measurement (also appended to $OUT/gpu_log.jsonl).
           padding) vs every exact step biased, one and two producers, Wan 720p and 480p.
   softmax: the Mosaic kernel with and without FlashAttention-3's overlap of a step's
           softmax with the previous step's P.V inside a warpgroup, Wan 720p and 480p.
+  calls:  the whole Mosaic call over the heads in one kernel call or in calls of fewer
+          heads (heads_per_call: memory vs time), Wan 720p and 480p.
   probe:  the EAR probe kernel per tiling and cluster split, on k-means clusters of the
           structured Wan 720p workload (benchmarks/workloads.py).
   assign: the k-means assignment kernel per tiling, on the same workload's points and the
@@ -334,13 +336,13 @@ def _kernel_run(kern, operands, args, area, ref):
 
 
 def softmax_variants(budget_end, problem=None, emulate=False):
-  """The kernel alone, shipped and with FlashAttention-3's overlap of a step's softmax
-  with the previous step's P.V inside a warpgroup (PROFILE_VARIANTS "overlap"), in one
-  process; each output's largest difference from the Triton kernel's."""
+  """The kernel alone, shipped (FlashAttention-3's overlap of a step's softmax with the
+  previous step's P.V inside a warpgroup) and without it (PROFILE_VARIANTS "no_overlap"),
+  in one process; each output's largest difference from the Triton kernel's."""
   args, area = wan_problem(**(problem or {}))
   g, s, d = args[0].shape
   ref = shipped_triton(d, emulate)(*args).astype(jnp.float32)
-  for name in ("shipped", "overlap"):
+  for name in ("shipped", "no_overlap"):
     if time.time() > budget_end:
       emit(what="skipped", variant=name)
       continue
@@ -352,18 +354,45 @@ def softmax_variants(budget_end, problem=None, emulate=False):
       emit(what="softmax_variant", S=s, variant=name, error=f"{type(e).__name__}: {str(e)[:600]}")
 
 
+def head_calls(per_call, budget_end, problem=None, emulate=False):
+  """The whole Mosaic call (sorted copies, tables, kernel) run over the heads in calls of
+  `per_call` heads each (`heads_per_call`; None: the shipped choice, `sm.call_heads`):
+  time, XLA's memory accounting, the largest difference from the one-call output."""
+  args, area = wan_problem(**(problem or {}))
+  g, s, d = args[0].shape
+  run = lambda n: jax.jit(functools.partial(sm.sparse_attention_mgpu, compensation=True,
+                                            sm_scale=d ** -0.5, heads_per_call=n,
+                                            emulate=emulate))
+  one = run(g)
+  ref = one(*args).astype(jnp.float32)
+  for n in per_call:
+    if time.time() > budget_end:
+      emit(what="skipped", heads_per_call=n)
+      continue
+    try:
+      fn = one if n == g else run(n)
+      ms, how = timing.measure_ms(fn, *args)
+      diff = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - ref)))
+      emit(what="head_calls", S=s, G=g, heads_per_call=n, calls_heads=sm.call_heads(g, n),
+           whole_ms=ms, useful_tflops=4 * d * area / ms / 1e9, max_diff_vs_one_call=diff,
+           mem_gb=timing.compiled_memory_gb(fn, *args),
+           inputs_gb=sum(a.size * a.dtype.itemsize for a in args) / 1e9, timing=how)
+    except Exception as e:  # report and go on
+      emit(what="head_calls", heads_per_call=n, error=f"{type(e).__name__}: {str(e)[:600]}")
+
+
 PROFILE_VARIANTS = {  # name: sparse_attention_mgpu options (the shipped defaults elsewhere)
     "shipped": {}, "one_producer": dict(split_producers=False),
     "chunk8": dict(chunk_rows=8),
     "sorted": dict(sorted_queries=True, slot_output=True),
-    "overlap": dict(overlap_softmax=True),
+    "no_overlap": dict(overlap_softmax=False),
 }
 
 
 def kernel_alone(args, opts, emulate=False, **call_kw):
   """The Mosaic kernel alone on the problem `args` ("mean" compensation, 2 ring slots):
   (the jitted `sm._call` with `opts` (chunk_rows, half_tiles, pair_half_tiles,
-  sorted_queries, slot_output, split_producers, overlap_softmax: off if not given) and
+  sorted_queries, slot_output, split_producers, overlap_softmax: shipped if not given) and
   `call_kw`, its prepared operands
   (tables, q, padded k, padded v)). emulate: `sm.emulate_kernel` instead (CPU)."""
   g, s, d = args[0].shape
@@ -382,7 +411,7 @@ def kernel_alone(args, opts, emulate=False, **call_kw):
     kern = functools.partial(sm._call, num_out=g * s, mcs=2, scale=scale,
                              slot_output=opts["slot_output"],
                              split_producers=opts["split_producers"],
-                             overlap=opts.get("overlap_softmax", False), **statics,
+                             overlap=opts.get("overlap_softmax", True), **statics,
                              **call_kw)
   return jax.jit(kern), operands
 
@@ -391,7 +420,7 @@ def variant_options(variant):
   """A PROFILE_VARIANTS name's full kernel options (the shipped defaults elsewhere)."""
   return {**dict(chunk_rows=sm.CHUNK, half_tiles=True, pair_half_tiles=True,
                  sorted_queries=False, slot_output=False, split_producers=True,
-                 overlap_softmax=False),
+                 overlap_softmax=True),
           **PROFILE_VARIANTS[variant]}
 
 
@@ -625,6 +654,9 @@ def main():
   elif mode == "softmax":  # softmax schedules, Wan 720p and 480p
     softmax_variants(start + budget * 0.6)
     softmax_variants(start + budget, problem=dict(s=32760, kq=200, kk=1000))
+  elif mode == "calls":  # heads per kernel call, Wan 720p and 480p
+    head_calls([40, 20, None, 8, 5], start + budget * 0.7)
+    head_calls([40, 20, None], start + budget, problem=dict(s=32760, kq=200, kk=1000))
   elif mode == "profile":  # python -m benchmarks.kernels profile VARIANT (for ncu)
     profile(sys.argv[2] if len(sys.argv) > 2 else "shipped")
   elif mode == "trace":  # python -m benchmarks.kernels trace VARIANT...
@@ -644,6 +676,7 @@ def main():
            start + budget, problem=problem, emulate=True)
     clean_steps(start + budget, problem=problem, emulate=True)
     softmax_variants(start + budget, problem=problem, emulate=True)
+    head_calls([2, None, 1], start + budget, problem=problem, emulate=True)
     probe([(16, 16, 1, 4), (16, 16, 3, 4)], start + budget, grid=workloads.Grid(2, 6, 8),
           heads=2, head_dim=32, clusters=(12, 20), interpret=True)
     assign([(16, 16, 4, 2), (32, 16, 4, 2)], start + budget, grid=workloads.Grid(2, 6, 8),

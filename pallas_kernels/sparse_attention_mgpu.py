@@ -38,10 +38,13 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   argument (exp2(q.k * scale - m)) instead of a multiply and a subtraction, as jax's dense
   Mosaic flash attention does: 71.4 -> 70.8 ms at Wan 720p, 17.0 -> 16.4 ms at 480p on an
   H100 (benchmarks/results/kernels_h100.md, session 17).
-- `overlap_softmax=True` (off by default): FlashAttention-3's intra-warpgroup pipelining
-  of the exact steps (`overlapped_steps`). Its first versions ran 29% slower: ptxas
-  serialized every wgmma (warning C7513) because a register of P(i - 1) was defined while
-  its P.V wgmma ran; P(i) is now cast after that wgmma's wait. Not yet timed.
+- Exact steps run FlashAttention-3's intra-warpgroup pipelining (`overlapped_steps`;
+  `overlap_softmax=False`: one step after the other): the q.k wgmma of step i and the
+  P.V wgmma of step i - 1 are issued together, and the softmax of step i runs while P.V
+  does: 71.9 -> 70.9 ms at Wan 720p, 17.18 -> 17.14 ms at 480p on an H100 (kernels_h100.md,
+  session 18). Its first versions ran 29% slower: ptxas serialized every wgmma (warning
+  C7513) because a register of P(i - 1) was defined while its P.V wgmma ran; P(i) is cast
+  to bf16 after that wgmma's wait.
 - Compensation steps read the key/value centroids (appended after the keys) with a
   per-(query cluster, key cluster) bias row: log2 n_j, or -inf where j is exact or empty.
   With "variance" compensation a step covers 64 centroids: its 128 key rows are the 64
@@ -71,13 +74,19 @@ a per-query-cluster list of key chunks instead of a contiguous key range:
   chunks came within 1% of it; benchmarks/results/kernels_h100.md), and two issuers halve
   each one's work: 0.3-1.3 ms faster at Wan 720p in five runs, even at 480p
   (kernels_h200.md runs 3, 4). `split_producers=False`: one producer for both.
+- The heads run in a loop of kernel calls of at most CALL_HEADS = 10 heads (`call_heads`),
+  each writing its heads' rows of one output in place (a jax Ref the kernel writes): the
+  sorted copies and chunk lists, sized for the worst case, exist for one call's heads at a
+  time. At Wan 720p the whole call takes 3.79 GB instead of 5.43 GB (1.22x the dense
+  call's, from 1.75x) for no measurable time up to 4 calls (benchmarks/results/
+  kernels_h100.md, attention_h100.md, session 18).
 - The grid is (head, tile): the CTAs in flight share one head's keys and values. Tiles are
   not sorted by list length: at Wan 720p the grid is ~28,000 CTAs, ~200 waves of 132, so
   only the last wave's imbalance (< 1% of the call) could be won back.
 
 Costs beyond the Triton kernel: the padded sorted copies of K and V (the whole call
-1.76x the dense call's memory at Wan 720p instead of 1.1x; 2.29x with the sorted Q copy
-and slot buffer of the first version, benchmarks/results/attention_h200.md). Hopper only
+1.22x the dense call's memory at Wan 720p instead of 1.1x; 1.76x in one call of every head,
+2.29x with the sorted Q copy and slot buffer of the first version). Hopper only
 (sm_90a). Mosaic GPU's interpret mode (jax 0.11) does not run kernels of this shape, so
 CPU tests check `emulate_kernel` (the same tables and data path in jnp) and the lowering to
 CUDA; the compiled kernel is tested on an H100 / H200 against the float32 reference.
@@ -104,6 +113,9 @@ _SMEM_LIMIT = 232448  # H100 / H200 per-block shared memory
 _SMEM_BYTES = _SMEM_LIMIT - 4096  # less barriers and alignment
 BLOCK_Q = 64  # query rows per consumer warpgroup; a tile is two of them
 TILE_Q = 2 * BLOCK_Q
+# Heads per kernel call (`call_heads`): the sorted copies of K and V and the chunk lists
+# exist for one call's heads at a time
+CALL_HEADS = 10
 BLOCK_K = 128  # key slots per pipeline step
 HALF_K = BLOCK_K // 2  # centroids per "variance" compensation step; keys per pair-tile half
 # tile modes (sparse_layout_mgpu's tile_mode)
@@ -598,10 +610,12 @@ def profile_ranges(d: int, mcs: int, itemsize: int, warpgroups: int) -> int:
 
 def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scale, chunk,
           variance=False, slot_output=False, split_producers=True, overlap=False,
-          profile_dir=None, profile_space=None):
+          out=None, profile_dir=None, profile_space=None):
   """The kernel on prepared inputs (`prepare_mgpu`): output rows [num_out, D] (the caller's
   rows, as q_rows addresses them); rows of no query tile are left unwritten
   (`_clear_uncovered`). q_in: the caller's rows [N, D], or a sorted padded copy.
+  out: rows [num_out, D] to write into in place (a jax Ref the kernel writes; jax >= 0.11)
+  instead of a new buffer: every row the tables do not address keeps its value.
   slot_output: [G, T * 128, D] tile slots instead (`_from_slots` gathers them).
   split_producers: two producer warpgroups (keys, values); False: one for both.
   profile_dir: write a Chrome trace of the kernel's named scopes (per CTA and warpgroup,
@@ -643,9 +657,11 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
 
   if profile_dir is not None and profile_space is None:
     profile_space = profile_ranges(d, mcs, q_in.dtype.itemsize, 4 if split_producers else 3)
-  return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct(
-          (g, num_tiles * TILE_Q, d) if slot_output else (num_out, d), dtype),
+  out_shape = (g, num_tiles * TILE_Q, d) if slot_output else (num_out, d)
+  if out is not None and (out.shape != out_shape or out.dtype != dtype):
+    raise ValueError(f"out must be {dtype} {out_shape}, got {out.dtype} {out.shape}")
+  call = plgpu.kernel(
+      entry, out_type=() if out is not None else jax.ShapeDtypeStruct(out_shape, dtype),
       # the last grid axis varies fastest: the CTAs in flight share one head's keys and
       # values (~40 MB at Wan 720p, L2-resident); heads innermost thrashed L2 (101.7 ms
       # vs 80.0 ms on the kernel benchmark's problem)
@@ -655,7 +671,14 @@ def _call(tables, q_in, k_pad, v_pad, *, num_out, num_comp, comp_base, mcs, scal
           approx_math=True, **({} if profile_dir is None else dict(
               profile_space=profile_space, profile_dir=profile_dir,
               profile_bounds_check=True))),
-  )(*tables, q_in, k_pad, v_pad)  # _kernel's refs: the tables in field order, then the data
+  )
+  # _kernel's refs: the tables in field order, then the data (the output last, as an
+  # output, or as an input the kernel writes)
+  if out is None:
+    return call(*tables, q_in, k_pad, v_pad)
+  out_ref = jax.new_ref(out)
+  call(*tables, q_in, k_pad, v_pad, out_ref)
+  return jax.freeze(out_ref)
 
 
 def _key_chunks(seq_len, num_k_clusters, chunk):
@@ -818,17 +841,20 @@ def _padded_rows(sizes, offsets, num_chunks, chunk):
   return rows.astype(jnp.int32), ch_start
 
 
-def _flat_rows(rows, index, shape):
-  """Rows of x.reshape(-1, D) holding sorted positions `rows` [G, N] (-1: none -> -1).
+def _flat_rows(rows, index, shape, head0=0):
+  """Rows of x.reshape(-1, D) holding sorted positions `rows` [G', N] (-1: none -> -1) of
+  heads head0, head0 + 1, ... (G' of them; head0 may be traced).
 
-  x has `shape`: [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h); index [G, S]
-  maps sorted positions to token rows (None: x is already sorted).
+  x has `shape`: [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h); index [G', S]
+  maps those heads' sorted positions to token rows (None: x is already sorted).
   """
   ok = rows >= 0
   rows = jnp.maximum(rows, 0)
   if index is not None:
     rows = jnp.take_along_axis(index.astype(jnp.int32), rows, 1)
   gi = jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None]
+  if not (isinstance(head0, int) and head0 == 0):
+    gi = gi + jnp.asarray(head0, jnp.int32)
   if len(shape) == 3:
     flat = gi * shape[1] + rows
   else:
@@ -837,19 +863,20 @@ def _flat_rows(rows, index, shape):
   return jnp.where(ok, flat, -1).astype(jnp.int32)
 
 
-def _heads_first_rows(x, rows, index):
-  """Rows `rows` [G, N] (-1: none) of sorted order gathered from x; ([G, N, D] with none
-  -> row 0's values, [G, N] bool real). x, index as in `_flat_rows`."""
-  flat = _flat_rows(rows, index, x.shape)
+def _heads_first_rows(x, rows, index, head0=0):
+  """Rows `rows` [G', N] (-1: none) of sorted order gathered from x; ([G', N, D] with none
+  -> row 0's values, [G', N] bool real). x, index, head0 as in `_flat_rows`."""
+  flat = _flat_rows(rows, index, x.shape, head0)
   return x.reshape(-1, x.shape[-1])[jnp.maximum(flat, 0)], flat >= 0
 
 
 def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                  compensation, q_index=None, kv_index=None, chunk=CHUNK, half_tiles=True,
                  pair_half_tiles=True, sorted_queries=False,
-                 chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None):
-  """Kernel inputs: (KernelTables, q rows [N, D], padded keys, values [G, R, D], statics,
-  layout).
+                 chunk_impl="jnp", k_variance=None, k_radius=None, sm_scale=None, head0=0):
+  """Kernel inputs: (KernelTables, q rows [N, D], padded keys, values [G', R, D], statics,
+  layout) for the G' heads head0, head0 + 1, ... of q, k, v (`head0` may be traced) that
+  the per-head arguments (q_sizes ... k_radius, q_index, kv_index: [G', ...]) describe.
 
   Keys and values are sorted by key cluster and padded (padding rows 0), then the fill
   chunk (all padding), then the centroids from row comp_base on; the tables end with each
@@ -869,9 +896,9 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
   lay = sparse_layout_mgpu(q_sizes, k_sizes, block_map, seq_len=s, chunk=chunk,
                            half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
                            chunk_impl=chunk_impl)
-  q_rows = _flat_rows(lay["query_rows"], q_index, q.shape)
-  kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index)
-  vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index)
+  q_rows = _flat_rows(lay["query_rows"], q_index, q.shape, head0)
+  kp, ok = _heads_first_rows(k, lay["key_rows"], kv_index, head0)
+  vp, _ = _heads_first_rows(v, lay["key_rows"], kv_index, head0)
   d = kp.shape[-1]
   kp = jnp.where(ok[..., None], kp, 0)
   vp = jnp.where(ok[..., None], vp, 0)
@@ -906,9 +933,27 @@ def prepare_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
       wg_q0=lay["wg_q0"], wg_n=lay["wg_n"], chunks=lay["chunks"], bias=bias,
       chunk_valid=chunk_valid, q_rows=q_rows, wg_clean=lay["wg_clean"])
   statics = kernel_statics(s, kk, compensation=compensation, chunk=chunk)
-  q_in = (_heads_first_rows(q, lay["query_rows"], q_index)[0] if sorted_queries
+  q_in = (_heads_first_rows(q, lay["query_rows"], q_index, head0)[0] if sorted_queries
           else q.reshape(-1, q.shape[-1]))
   return tables, q_in, k_pad, v_pad, statics, lay
+
+
+def call_heads(num_heads: int, heads_per_call: int | None = None) -> int:
+  """Heads per kernel call of `sparse_attention_mgpu` (G = num_heads in all).
+
+  heads_per_call caps it (>= 1); None: the fewest calls of at most CALL_HEADS heads each,
+  of equal size where a divisor of G allows it within twice the fewest calls.
+  """
+  if heads_per_call is not None:
+    if isinstance(heads_per_call, bool) or not isinstance(heads_per_call, int) \
+        or heads_per_call < 1:
+      raise ValueError(f"heads_per_call must be a positive int or None, got {heads_per_call!r}")
+    return min(heads_per_call, num_heads)
+  fewest = common.cdiv(num_heads, CALL_HEADS)
+  for calls in range(fewest, 2 * fewest + 1):
+    if num_heads % calls == 0:
+      return num_heads // calls
+  return common.cdiv(num_heads, fewest)
 
 
 def kernel_statics(seq_len: int, num_k_clusters: int, *, compensation,
@@ -960,7 +1005,7 @@ def _clear_uncovered(out, q_sizes, q_index, shape):
 
 
 def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, chunk,
-                   variance=False, slot_output=False):
+                   variance=False, slot_output=False, out=None):
   """What the kernel computes, warpgroup by warpgroup, in float32 jnp (the CPU check of the
   tables).
 
@@ -970,8 +1015,9 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
   64-key steps visit half as many per step), padded key rows masked by their key-row
   bias past the warpgroup's clean steps (none in them), compensation
   steps with its cluster's bias row; it writes its first wg_n rows to their q_rows, and
-  every other row is left NaN (the kernel leaves it unwritten). slot_output: the slot
-  buffer [G, T * 128, D] instead (every row of every warpgroup). Small sizes only.
+  every other row is left NaN (the kernel leaves it unwritten), or as in `out` [N, D]
+  when given (`_call(out=...)`). slot_output: the slot buffer [G, T * 128, D] instead
+  (every row of every warpgroup). Small sizes only.
   """
   (tile_mode, tile_exact, wg_c, wg_q0, wg_n, chunks, bias, chunk_valid, q_rows,
    wg_clean) = KernelTables(*tables)
@@ -1027,26 +1073,27 @@ def emulate_kernel(tables, q_flat, k_pad, v_pad, *, num_comp, comp_base, scale, 
 
   over = lambda f: jax.vmap(lambda gi: jax.vmap(lambda t: jax.vmap(lambda w: f(gi, t, w))(
       jnp.arange(2)))(jnp.arange(nt)))(jnp.arange(g))
-  out = over(group).reshape(-1, d)
+  out_rows = over(group).reshape(-1, d)
   if slot_output:
-    return out.reshape(g, nt * TILE_Q, d)
+    return out_rows.reshape(g, nt * TILE_Q, d)
   dest = over(lambda gi, t, w: group_rows(gi, t, w)[0]).reshape(-1)
   dest = jnp.where(dest >= 0, dest, q_flat.shape[0])
-  return jnp.full(q_flat.shape, jnp.nan, jnp.float32).at[dest].set(out, mode="drop")
+  base = jnp.full(q_flat.shape, jnp.nan, jnp.float32) if out is None else f32(out)
+  return base.at[dest].set(out_rows, mode="drop")
 
 
 @functools.partial(jax.jit, static_argnames=(
     "compensation", "sm_scale", "max_concurrent_steps", "chunk_rows", "half_tiles",
     "pair_half_tiles", "sorted_queries", "slot_output", "split_producers",
-    "overlap_softmax", "emulate"))
+    "overlap_softmax", "heads_per_call", "emulate"))
 def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids, *,
                           compensation, sm_scale: float, q_index=None, kv_index=None,
                           k_variance=None, k_radius=None,
                           max_concurrent_steps: int = 2, chunk_rows: int = CHUNK,
                           half_tiles: bool = True, pair_half_tiles: bool = True,
                           sorted_queries: bool = False, slot_output: bool = False,
-                          split_producers: bool = True, overlap_softmax: bool = False,
-                          emulate: bool = False):
+                          split_producers: bool = True, overlap_softmax: bool = True,
+                          heads_per_call: int | None = None, emulate: bool = False):
   """Mosaic GPU version of `sparse_attention.sparse_attention` (same arguments and result).
 
   Args:
@@ -1071,16 +1118,23 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
       registers) for both, for comparisons.
     overlap_softmax: overlap each exact step's softmax with the previous step's P.V
       wgmma inside a warpgroup (FlashAttention-3's intra-warpgroup pipelining) on top of
-      the ping-pong between warpgroups; off by default until it is measured faster
-      (benchmarks/results/kernels_h100.md, session 17).
+      the ping-pong between warpgroups (False: for comparisons).
+    heads_per_call: run the kernel on at most this many heads at a time (its sorted
+      copies and chunk lists, most of the call's memory, then exist for those heads only;
+      the calls write one output in place, in a loop). None: `call_heads`'s choice (with
+      slot_output: one call, the only choice there).
     emulate: run `emulate_kernel` (float32 jnp) instead of the kernel: CPU tests.
 
   Returns:
     q's shape and dtype, in q_index's token order when given. Positions of no query
     cluster, and queries with nothing to attend, are 0.
   """
-  common.check_heads(q, k, v, block_map)
+  g, _ = common.check_heads(q, k, v, block_map)
   d = q.shape[-1]
+  gs = g if slot_output and heads_per_call is None else call_heads(g, heads_per_call)
+  if slot_output and gs < g:
+    raise ValueError(f"slot_output writes one buffer per call: it needs heads_per_call >= "
+                     f"{g} (the heads), got {heads_per_call}")
   if not emulate:
     if d % 64:
       raise ValueError(f"head_dim {d} must be a multiple of 64 for the Mosaic GPU kernel")
@@ -1094,21 +1148,35 @@ def sparse_attention_mgpu(q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_c
   if not emulate and smem > _SMEM_BYTES:
     raise ValueError(f"max_concurrent_steps={max_concurrent_steps} with head_dim {d} needs "
                      f"{smem} bytes of shared memory (> {_SMEM_BYTES}); use fewer steps")
-  tables, q_in, k_pad, v_pad, statics, lay = prepare_mgpu(
-      q, k, v, q_sizes, k_sizes, block_map, k_centroids, v_centroids,
-      compensation=compensation, q_index=q_index, kv_index=kv_index, chunk=chunk_rows,
-      half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
-      sorted_queries=sorted_queries and not emulate,
-      chunk_impl="jnp" if emulate else "pallas", k_variance=k_variance,
-      k_radius=k_radius, sm_scale=sm_scale)
   scale = sm_scale * _LOG2E
-  if emulate:
-    out = emulate_kernel(tables, q_in, k_pad, v_pad, scale=scale, slot_output=slot_output,
-                         **statics)
-  else:
-    out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
-                scale=scale, slot_output=slot_output, split_producers=split_producers,
-                overlap=overlap_softmax, **statics)
+  per_head = dict(q_sizes=q_sizes, k_sizes=k_sizes, block_map=block_map,
+                  k_centroids=k_centroids, v_centroids=v_centroids, q_index=q_index,
+                  kv_index=kv_index, k_variance=k_variance, k_radius=k_radius)
+
+  def attend(head0, out):
+    """Heads head0 .. head0 + gs - 1 written into out (None: a new buffer)."""
+    heads = {n: None if a is None else lax.dynamic_slice_in_dim(a, head0, gs, 0)
+             for n, a in per_head.items()} if gs < g else per_head
+    tables, q_in, k_pad, v_pad, statics, lay = prepare_mgpu(
+        q, k, v, **heads, compensation=compensation, chunk=chunk_rows,
+        half_tiles=half_tiles, pair_half_tiles=pair_half_tiles,
+        sorted_queries=sorted_queries and not emulate,
+        chunk_impl="jnp" if emulate else "pallas", sm_scale=sm_scale, head0=head0)
+    if emulate:
+      out = emulate_kernel(tables, q_in, k_pad, v_pad, scale=scale, slot_output=slot_output,
+                           out=out, **statics)
+    else:
+      out = _call(tables, q_in, k_pad, v_pad, num_out=q.size // d, mcs=max_concurrent_steps,
+                  scale=scale, slot_output=slot_output, split_producers=split_producers,
+                  overlap=overlap_softmax, out=out, **statics)
+    return out, tables, lay
+
+  out, tables, lay = attend(0, None)
+  if gs < g:
+    # a loop, not unrolled calls: each call's sorted copies and tables then reuse one
+    # buffer; the last call's heads may overlap the one before (rewritten, same values)
+    out = lax.fori_loop(1, common.cdiv(g, gs),
+                        lambda i, o: attend(jnp.minimum(i * gs, g - gs), o)[0], out)
   if slot_output:
     out = _from_slots(out, tables, lay["query_rows"], q_index, q.shape, chunk_rows)
   else:

@@ -46,7 +46,7 @@ ROUTE_FILLS = ("auto", "kernel", "sort")
 MOSAIC_OPTIONS: dict = {}
 MOSAIC_OPTION_NAMES = ("chunk_rows", "split_producers", "sorted_queries", "slot_output",
                        "half_tiles", "pair_half_tiles", "max_concurrent_steps",
-                       "overlap_softmax")
+                       "overlap_softmax", "heads_per_call")
 
 
 @jax.tree_util.register_dataclass

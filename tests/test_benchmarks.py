@@ -114,6 +114,9 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert [x["block_n"] for x in assign] == [16, 32] and not [x for x in assign if "error" in x]
   assert all(x["q_mismatches"] == 0 and x["k_mismatches"] == 0 for x in assign)
   assert probe[1]["max_diff_vs_first"] == 0.0
+  calls = [x for x in lines if x["what"] == "head_calls"]
+  assert [(x["heads_per_call"], x["calls_heads"]) for x in calls] == [(2, 2), (None, 2), (1, 1)]
+  assert all(x["max_diff_vs_one_call"] < 1e-5 and x["mem_gb"] > 0 for x in calls)
 
 
 def test_breakdown_needs_a_gpu_and_formats_stages(capsys):

@@ -94,6 +94,38 @@ def test_emulated_kernel_tokens_first_with_permutations(slots):
                               slot_output=slots), 2, jnp.float32)
 
 
+@pytest.mark.parametrize("tokens_first,heads_per_call", [(False, 2), (True, 4), (True, 1)])
+def test_emulated_kernel_in_calls_of_fewer_heads(tokens_first, heads_per_call):
+  # G = 5 or 6 heads in calls of 2 (the last call's heads overlap the one before), 4 (of
+  # 6: calls at heads 0 and 2) or 1 writing one output: as the reference, and as one call
+  p = _problem(21, g=6 if tokens_first else 5, s=200, d=64, kq=5, kk=12)
+  kw = dict(compensation="variance", sm_scale=0.2, emulate=True,
+            **_spread(p, "variance"))
+  if tokens_first:
+    _check_tokens_first(p, dict(kw, heads_per_call=heads_per_call), 2, jnp.float32)
+    return
+  one = sm.sparse_attention_mgpu(*_args(p), **kw)
+  out = sm.sparse_attention_mgpu(*_args(p), heads_per_call=heads_per_call, **kw)
+  _assert_close(out, _ref(p, "variance", 0.2), jnp.float32)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(one), rtol=1e-6, atol=1e-6)
+
+
+def test_call_heads_and_its_errors(monkeypatch):
+  assert [sm.call_heads(g) for g in (1, 2, 24, 40, 41, 80)] == [1, 2, 8, 10, 9, 10]
+  assert sm.call_heads(40, 7) == 7 and sm.call_heads(3, 8) == 3
+  for bad in (0, -1, 2.0, True, "4"):
+    with pytest.raises(ValueError, match="heads_per_call"):
+      sm.call_heads(4, bad)
+  p = _problem(22, g=3, s=200, d=64, kq=5, kk=12)
+  monkeypatch.setattr(sm, "CALL_HEADS", 2)  # slot_output: one call all the same
+  out = sm.sparse_attention_mgpu(*_args(p), compensation=True, sm_scale=0.2, emulate=True,
+                                 slot_output=True)
+  _assert_close(out, _ref(p, True, 0.2), jnp.float32)
+  with pytest.raises(ValueError, match="slot_output"):
+    sm.sparse_attention_mgpu(*_args(p), compensation=True, sm_scale=0.2, emulate=True,
+                             slot_output=True, heads_per_call=2)
+
+
 @pytest.mark.parametrize("chunk,impl", [(8, "jnp"), (16, "jnp"), (16, "interpret")])
 def test_layout_chunks_cover_exactly_the_selected_keys(chunk, impl):
   p = _problem(5, s=333, d=8, kq=5, kk=24, tiny=True)
@@ -360,8 +392,9 @@ def test_pipeline_mosaic_options(monkeypatch):
                                                         (16, True, "sorted"), (16, True, "slots"),
                                                         (16, True, "one_producer"),
                                                         (8, "variance", "one_producer"),
-                                                        (16, True, "overlap"),
-                                                        (16, "variance", "overlap")])
+                                                        (16, True, "no_overlap"),
+                                                        (16, "variance", "no_overlap"),
+                                                        (16, "variance", "calls")])
 def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
   # the whole Mosaic GPU pipeline up to the serialized kernel (incl. layout inference),
   # and the Triton lowering of the chunk-list kernel that builds its tables
@@ -370,12 +403,18 @@ def test_lowers_to_mosaic_gpu_for_cuda(chunk, compensation, variant):
                          chunk_rows=chunk, sorted_queries=variant in ("sorted", "slots"),
                          slot_output=variant == "slots",
                          split_producers=variant != "one_producer",
-                         overlap_softmax=variant == "overlap", **_spread(p, compensation))
+                         overlap_softmax=variant != "no_overlap",
+                         heads_per_call=1 if variant == "calls" else None,
+                         **_spread(p, compensation))
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(
       *_args(p))
   module = exp.mlir_module()
-  assert "mosaic_gpu" in module and module.count("__gpu$xla.gpu.triton") == 1
+  # "calls": one call per head (the first, then a loop whose call writes in place)
+  calls = 2 if variant == "calls" else 1
+  assert module.count("custom_call @mosaic_gpu") == calls
+  assert module.count("__gpu$xla.gpu.triton") == 1  # (one function, called in each call)
+  assert module.count("output_operand_alias<") == (1 if variant == "calls" else 0)
 
 
 @pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
@@ -403,8 +442,8 @@ def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chu
   # place through permutations; b=-2: the same, the queries from a sorted copy; b=-3: and
   # the output through the slot buffer (b=2 then); b=3: B = 1 with one producer warpgroup
   # for keys and values (split_producers=False); b=4: B = 1, each exact step's softmax
-  # overlapped with the previous step's P.V (overlap_softmax=True)
-  sorted_q, slots, split, overlap = b < 0, b == -3, b != 3, b == 4
+  # not overlapped with the previous step's P.V (overlap_softmax=False)
+  sorted_q, slots, split, overlap = b < 0, b == -3, b != 3, b != 4
   b = 1 if b in (3, 4) else min(abs(b), 2)
   p = _problem(seed, g=2 * b, s=s, d=d, kq=9, kk=24, tiny=tiny, dtype=jnp.bfloat16,
                density=density)
@@ -428,3 +467,22 @@ def test_compiled_kernel_matches_reference(compensation, tiny, seed, mcs, d, chu
   _assert_close(out, _ref(p, compensation, d ** -0.5), jnp.bfloat16)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(emu, np.float32),
                              atol=2e-2)
+
+
+@pytest.mark.skipif(not _ON_HOPPER, reason="the compiled Mosaic GPU kernel needs a Hopper GPU")
+@pytest.mark.parametrize("compensation,tokens_first,heads_per_call", [
+    (True, False, 2), ("variance", True, 4)])
+def test_compiled_kernel_in_calls_of_fewer_heads(compensation, tokens_first, heads_per_call):
+  # G = 5 heads in calls of 2 (the last overlapping the one before: heads 3, 4 after 2, 3)
+  # or tokens-first [2, S, 3, D] in calls of 4 (heads 0-3, then 2-5): the output written in
+  # place by each call is the one call's, bit for bit, and the reference's
+  p = _problem(23, g=6 if tokens_first else 5, s=1000, d=128, kq=9, kk=24,
+               dtype=jnp.bfloat16)
+  kw = dict(compensation=compensation, sm_scale=128 ** -0.5, **_spread(p, compensation))
+  if tokens_first:
+    _check_tokens_first(p, dict(kw, heads_per_call=heads_per_call), 2, jnp.bfloat16)
+    return
+  one = sm.sparse_attention_mgpu(*_args(p), **kw)
+  out = sm.sparse_attention_mgpu(*_args(p), heads_per_call=heads_per_call, **kw)
+  _assert_close(out, _ref(p, compensation, 128 ** -0.5), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(one, np.float32))
