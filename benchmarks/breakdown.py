@@ -14,7 +14,9 @@ kernels (cuBLAS, cub).
 
 --kmeans-update sorted segment_sum times both k-means centroid updates of the pallas path
 in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended); --route-fill kernel
-sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way.
+sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way,
+--value-terms walk probe both sources of the EAR probe's per-token value terms
+(pipeline.VALUE_TERMS).
 --layout head-major feeds the cluster and route stages head-major [B*H, S, D] copies, as
 before the kernels read tokens-first inputs in place, and adds a "layout" stage timing
 those copies (the
@@ -63,16 +65,19 @@ def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
 
 
 @contextlib.contextmanager
-def pipeline_modes(mode: str, route_fill: Optional[str] = None):
-  """pipeline.KMEANS_UPDATE = mode and pipeline.ROUTE_FILL = route_fill (default: as it
-  is) while the calls made inside are traced."""
-  before = pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL
+def pipeline_modes(mode: str, route_fill: Optional[str] = None,
+                   value_terms: Optional[str] = None):
+  """pipeline.KMEANS_UPDATE = mode, pipeline.ROUTE_FILL = route_fill and
+  pipeline.VALUE_TERMS = value_terms (None: as they are) while the calls made inside are
+  traced."""
+  before = pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS
   pipeline.KMEANS_UPDATE = mode
   pipeline.ROUTE_FILL = before[1] if route_fill is None else route_fill
+  pipeline.VALUE_TERMS = before[2] if value_terms is None else value_terms
   try:
     yield
   finally:
-    pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL = before
+    pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS = before
 
 
 def _heads_first(x, num_rows):
@@ -163,6 +168,10 @@ def main(argv=None):
   parser.add_argument("--route-fill", nargs="+", default=[pipeline.ROUTE_FILL],
                       choices=list(pipeline.ROUTE_FILLS),
                       help="pallas routing's budgeted selection(s) (pipeline.ROUTE_FILL)")
+  parser.add_argument("--value-terms", nargs="+", default=[pipeline.VALUE_TERMS],
+                      choices=list(pipeline.VALUE_TERMS_CHOICES),
+                      help="where the EAR probe's per-token value terms come from "
+                           "(pipeline.VALUE_TERMS)")
   parser.add_argument("--layout", nargs="+", default=["tokens-first"],
                       choices=["tokens-first", "head-major"],
                       help="what the cluster / route stages read (see the module docstring)")
@@ -182,16 +191,17 @@ def main(argv=None):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
                      routing=args.routing, density=args.density,
                      compensation=args.compensation)
-  runs = list(itertools.product(args.kmeans_update, args.route_fill, args.layout))
+  runs = list(itertools.product(args.kmeans_update, args.route_fill, args.value_terms,
+                                args.layout))
   stages = []
-  for update, fill, layout in runs:
-    tag = "" if len(runs) == 1 else f" [{update}, fill {fill}, {layout}]"
-    with pipeline_modes(update, fill):
+  for update, fill, terms, layout in runs:
+    tag = "" if len(runs) == 1 else f" [{update}, fill {fill}, terms {terms}, {layout}]"
+    with pipeline_modes(update, fill, terms):
       for name, fn, fargs in stage_calls(q, k, v, cfg, num_dense=args.dense_tokens,
                                          layout=layout, update=update):
         times = kernel_times(fn, *fargs)
         stages.append(dict(stage=name + tag, kmeans_update=update, route_fill=fill,
-                           layout=layout,
+                           value_terms=terms, layout=layout,
                            launches=sum(n for n, _ in times.values()),
                            total_ms=sum(ms for _, ms in times.values()),
                            kernels=[(kname, n, ms) for kname, (n, ms) in times.items()]))

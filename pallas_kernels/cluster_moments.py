@@ -7,14 +7,18 @@ the sizes):
   means_j = mean_{t in C_j} x_t                     (`cluster_means`: the Lloyd update),
   second_j = mean_{t in C_j} x_t * x_t              (no centroids), or
   second_j = mean_{t in C_j} (x_t - c_j)^2,  radius_j = max_{t in C_j} ||x_t - c_j||,
-  value_means_j = mean_{t in C_j} v_t               (when values are given).
+  value_means_j = mean_{t in C_j} v_t               (when values are given), and
+  ||v_p||^2, <value_means_j, v_p> per sorted position p (value_stats: the EAR probe's
+  per-token terms, `error_probe.value_stats`).
 
 These are the k-means centroid update, the key spread (variance and radius about the
 centroids, for the variance compensation), the query clusters' second moments and the value
 means. In XLA they are scatter-adds by label, which on GPU contend on the atomics of a few
 hundred clusters (~1 ms per [40, 75600, 128] pass into 300 clusters); here each program
 walks its clusters' rows of the sorted order once, gathering rows of x (and v) through
-`index`, and writes each cluster's results once, so no atomics are needed.
+`index`, and writes each cluster's results once, so no atomics are needed. The value stats
+walk each cluster's value rows a second time, right after its mean is known (the rows are
+in L2 then), instead of an XLA pass over all of v that gathers a mean per token.
 
 Rows are [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h read in place through
 strides), optionally only the first `num_rows` of every head (the index then points into
@@ -33,13 +37,16 @@ from pallas_kernels import common
 
 
 def _kernel(off_ref, size_ref, idx_ref, x_ref, *refs, block_rows, d, num_clusters,
-            clusters_per_program, centred, has_values, first):
+            clusters_per_program, centred, has_values, first, stats):
   refs = list(refs)
   c_ref = refs.pop(0) if centred else None
   v_ref = refs.pop(0) if has_values else None
+  if stats:  # the zeroed buffers the value stats are written into (aliased to outputs)
+    refs = refs[2:]
   sec_ref = refs.pop(0)
   rad_ref = refs.pop(0) if centred else None
   vm_ref = refs.pop(0) if has_values else None
+  vsq_ref, cross_ref = (refs.pop(0), refs.pop(0)) if stats else (None, None)
   # Triton tiles are powers of two: the extra columns are masked off in every load and
   # store rather than padded in XLA, which would copy x (and v) once more
   dp = common.next_pow2(max(d, 16))
@@ -85,6 +92,22 @@ def _kernel(off_ref, size_ref, idx_ref, x_ref, *refs, block_rows, d, num_cluster
       rad_ref[j] = jnp.sqrt(jnp.max(acc["max"]))
     if has_values:
       plgpu.store(vm_ref.at[j, cols], jnp.sum(acc["v"], axis=0) * inv, mask=col_ok)
+    if stats:  # the values: v, or x itself (first: x's means are the value means)
+      vals_ref = v_ref if has_values else x_ref
+      mean = jnp.sum(acc["v"] if has_values else acc["sq"], axis=0) * inv
+
+      def stat_tile(t, carry):
+        rows = start + t * block_rows + r0
+        ok = rows < start + n
+        tok = plgpu.load(idx_ref.at[rows], mask=ok, other=0)
+        vals = plgpu.load(vals_ref.at[tok[:, None], cols[None, :]],
+                          mask=ok[:, None] & col_ok[None, :], other=0.).astype(jnp.float32)
+        plgpu.store(vsq_ref.at[rows], jnp.sum(vals * vals, axis=1), mask=ok)
+        plgpu.store(cross_ref.at[rows], jnp.sum(vals * mean[None, :], axis=1), mask=ok)
+        return carry
+
+      lax.fori_loop(jnp.int32(0), lax.div(n + block_rows - 1, block_rows), stat_tile,
+                    jnp.int32(0))
     return carry
 
   j0 = pl.program_id(0) * clusters_per_program
@@ -116,9 +139,11 @@ def _check(x, sizes, index, centroids, values, num_rows):
 
 
 def _walk(x, sizes, index, centroids, values, *, num_rows, first, block_rows, cluster_splits,
-          num_warps, num_stages, interpret):
+          num_warps, num_stages, interpret, stats=False):
   """One pallas_call walking every cluster's sorted rows: (sums-or-squares, radius or None,
-  value means or None) per cluster, each divided by the cluster size."""
+  value means or None) per cluster, each divided by the cluster size, and with stats the
+  value stats (||v_p||^2, <mean_j, v_p>) [G, N] per sorted position of the values (values,
+  or x when first)."""
   g, _, n, d, k = _check(x, sizes, index, centroids, values, num_rows)
   common.check_block("block_rows", block_rows)
   if isinstance(cluster_splits, bool) or not isinstance(cluster_splits, int) or cluster_splits < 1:
@@ -134,21 +159,28 @@ def _walk(x, sizes, index, centroids, values, *, num_rows, first, block_rows, cl
     out_shapes.append(jax.ShapeDtypeStruct((g, k), jnp.float32))
   if values is not None:
     out_shapes.append(jax.ShapeDtypeStruct((g, k, d), jnp.float32))
+  if stats:
+    out_shapes += [jax.ShapeDtypeStruct((g, n), jnp.float32)] * 2
   # each program sees its head's whole arrays: it reads the clusters' rows at data-dependent
   # positions, so there is no rectangular block to hand it
   inputs = small[:3] + [x] + small[3:] + ([values] if values is not None else [])
   in_specs = ([common.head_spec(a.shape) for a in small[:3]] + [common.head_rows_spec(x, n)]
               + [common.head_spec(a.shape) for a in small[3:]]
               + ([common.head_rows_spec(values, n)] if values is not None else []))
+  aliases = {}
+  if stats:  # positions in no cluster (past sum(sizes)) are never walked: they stay 0
+    aliases = {len(inputs): len(out_shapes) - 2, len(inputs) + 1: len(out_shapes) - 1}
+    inputs += [jnp.zeros((g, n), jnp.float32)] * 2
+    in_specs += [common.head_spec((g, n))] * 2
   kernel = functools.partial(_kernel, block_rows=block_rows, d=d, num_clusters=k,
                              clusters_per_program=per_program,
                              centred=centroids is not None, has_values=values is not None,
-                             first=first)
+                             first=first, stats=stats)
   # cluster ranges vary fastest: the programs in flight share one head's rows in L2
   outs = pl.pallas_call(
       kernel, grid=(common.cdiv(k, per_program), g), in_specs=in_specs,
       out_specs=[common.head_spec(o.shape) for o in out_shapes],
-      out_shape=out_shapes, interpret=interpret,
+      out_shape=out_shapes, interpret=interpret, input_output_aliases=aliases,
       name="svg_ear_cluster_means" if first else "svg_ear_cluster_moments",
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
   )(*inputs)
@@ -156,16 +188,17 @@ def _walk(x, sizes, index, centroids, values, *, num_rows, first, block_rows, cl
   main = outs.pop(0)
   radius = outs.pop(0) if centroids is not None else None
   value_means = outs.pop(0) if values is not None else None
-  return main, radius, value_means
+  return main, radius, value_means, (tuple(outs) if stats else None)
 
 
-_STATIC = ("num_rows", "block_rows", "cluster_splits", "num_warps", "num_stages", "interpret")
+_STATIC = ("num_rows", "block_rows", "cluster_splits", "num_warps", "num_stages", "interpret",
+           "value_stats")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def cluster_moments(x, sizes, index, *, centroids=None, values=None, num_rows=None,
                     block_rows: int = 32, cluster_splits: int = 128, num_warps: int = 4,
-                    num_stages: int = 2, interpret: bool = False):
+                    num_stages: int = 2, interpret: bool = False, value_stats: bool = False):
   """Per-cluster second moments (about 0 or the centroids), radii and value means.
 
   Args:
@@ -194,32 +227,43 @@ def cluster_moments(x, sizes, index, *, centroids=None, values=None, num_rows=No
       program (cluster_splits >= K) gives the most programs, fewer splits longer ones.
     num_warps, num_stages: Triton parameters.
     interpret: Pallas interpret mode (CPU).
+    value_stats: (with values) also the EAR probe's per-token value terms.
 
   Returns:
     (second [G, K, D] float32, radius [G, K] float32 or None (None without centroids),
     value_means [G, K, D] float32 or None (None without values)); 0 for empty clusters.
+    With value_stats a fourth item, (||v_p||^2, <value_means_j, v_p>) [G, N] float32 each
+    per sorted position p in cluster j (0 at positions in no cluster), as
+    `error_probe.value_stats` computes them.
   """
-  return _walk(x, sizes, index, centroids, values, num_rows=num_rows, first=False,
-               block_rows=block_rows, cluster_splits=cluster_splits, num_warps=num_warps,
-               num_stages=num_stages, interpret=interpret)
+  if value_stats and values is None:
+    raise ValueError("value_stats needs values")
+  out = _walk(x, sizes, index, centroids, values, num_rows=num_rows, first=False,
+              block_rows=block_rows, cluster_splits=cluster_splits, num_warps=num_warps,
+              num_stages=num_stages, interpret=interpret, stats=value_stats)
+  return out if value_stats else out[:3]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def cluster_means(x, sizes, index, *, num_rows=None, block_rows: int = 32,
                   cluster_splits: int = 128, num_warps: int = 4, num_stages: int = 2,
-                  interpret: bool = False):
+                  interpret: bool = False, value_stats: bool = False):
   """Per-cluster means of x (the Lloyd centroid update, or value means), without atomics.
 
   Args:
     x, sizes, index, num_rows, block_rows, cluster_splits, num_warps, num_stages,
       interpret: as in `cluster_moments` (x [G, S, D] or [B, S, H, D]; index [G, N]).
+    value_stats: x are values: also the EAR probe's per-token value terms.
 
   Returns:
-    [G, K, D] float32 means, 0 for empty clusters.
+    [G, K, D] float32 means, 0 for empty clusters; with value_stats (means, (||x_p||^2,
+    <means_j, x_p>) [G, N] float32 each per sorted position, as in `cluster_moments`).
   """
-  return _walk(x, sizes, index, None, None, num_rows=num_rows, first=True,
-               block_rows=block_rows, cluster_splits=cluster_splits, num_warps=num_warps,
-               num_stages=num_stages, interpret=interpret)[0]
+  means, _, _, stats = _walk(x, sizes, index, None, None, num_rows=num_rows, first=True,
+                             block_rows=block_rows, cluster_splits=cluster_splits,
+                             num_warps=num_warps, num_stages=num_stages,
+                             interpret=interpret, stats=value_stats)
+  return (means, stats) if value_stats else means
 
 
 def _sorted_rows(x, index, num_rows):

@@ -7,7 +7,9 @@ block, streamed over the cluster-permuted keys (ALGORITHM.md 2(e)).
 One program owns a block of query centroids and walks every key cluster's token range,
 with a running max per (centroid, cluster) that starts at c_ij (as the reference kernel),
 and writes log E_ij = log(E') + 2 max, so nothing overflows (the reference multiplies by
-e^{2 max} in float32). Per-token ||v_t||^2 and <vbar_j, v_t> are precomputed in XLA.
+e^{2 max} in float32). Per-token ||v_t||^2 and <vbar_j, v_t> are precomputed: in XLA
+(`value_stats`), or handed in by the walk that computed the value means
+(`cluster_moments.cluster_means(value_stats=True)`), which saves a pass over v.
 Keys and values may be [G, S, D] or tokens-first [B, S, H, D] (head g = b * H + h read in
 place through strides), optionally only their first `num_rows` rows (HunyuanVideo's video
 tokens), so no transposed or sliced copy is made.
@@ -26,10 +28,12 @@ from pallas_kernels import common
 _HI = lax.Precision.HIGHEST
 
 
-def _value_stats(v, k_sizes, v_centroids, kv_index, num_rows):
+def value_stats(v, k_sizes, v_centroids, kv_index=None, num_rows=None):
   """||v_t||^2 and <vbar_j, v_t> per permuted key position: [G, N] float32 each.
 
-  v is [G, S, D] or tokens-first [B, S, H, D] (first num_rows rows); the per-token values
+  v is [G, S, D] or tokens-first [B, S, H, D] (first num_rows rows; N = num_rows or S),
+  kv_index [G, N] the sorted order (sorted position p is token kv_index[g, p]; None: v is
+  sorted), key cluster j the positions [off_j, off_j + k_sizes_j). The per-token values
   are computed in v's own layout (one fused pass over v, no transposed copy of it) and only
   the [G, N] results are rearranged.
   """
@@ -133,7 +137,8 @@ def _check(q_centroids, k, v, k_centroids, v_centroids, k_sizes, kv_index, num_r
 def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_scale: float,
                     block_qc: int = 64, block_k: int = 32, cluster_splits: int = 32,
                     num_warps: int = 4, num_stages: int = 2, kv_index=None,
-                    pseudo_logits=None, num_rows=None, interpret: bool = False):
+                    pseudo_logits=None, num_rows=None, value_terms=None,
+                    interpret: bool = False):
   """log E_ij for every (query centroid, key cluster) pair.
 
   Args:
@@ -159,6 +164,8 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
       a second-moment correction, so that E_ij is the error of the compensation in use.
     num_rows: static; only the first N = num_rows rows of every head of k and v are keys
       (default all S), e.g. HunyuanVideo's video tokens ahead of its text ones.
+    value_terms: optional (||v_p||^2, <vbar_j, v_p>) [G, N] float32 per sorted position,
+      as `value_stats` computes them (default: computed here, one pass over v).
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -174,7 +181,14 @@ def ear_error_probe(q_centroids, k, v, k_centroids, v_centroids, k_sizes, *, sm_
   k_sizes = k_sizes.astype(jnp.int32)
   if kv_index is not None:
     kv_index = kv_index.astype(jnp.int32)
-  vsq, cross = _value_stats(v, k_sizes, v_centroids, kv_index, n)
+  if value_terms is None:
+    vsq, cross = value_stats(v, k_sizes, v_centroids, kv_index, n)
+  else:
+    vsq, cross = value_terms
+    if vsq.shape != (g, n) or cross.shape != (g, n):
+      raise ValueError(f"value_terms must be two [G, N] = {(g, n)} arrays, got "
+                       f"{vsq.shape} and {cross.shape}")
+    vsq, cross = vsq.astype(jnp.float32), cross.astype(jnp.float32)
   if pseudo_logits is None:
     logits = jnp.einsum("gqd,gkd->gkq", q_centroids.astype(jnp.float32),
                         k_centroids.astype(jnp.float32), precision=_HI) * sm_scale

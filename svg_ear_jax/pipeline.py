@@ -39,6 +39,15 @@ KMEANS_UPDATE = "sorted"
 ROUTE_FILL = "auto"
 ROUTE_FILLS = ("auto", "kernel", "sort")
 
+# Where the "pallas" EAR probe gets its per-token value terms (||v_t||^2, <vbar_j, v_t>):
+# "probe" computes them in its own XLA pass over v (which gathers a cluster mean per
+# token), "walk" has the Pallas walk that computes the value means write them too (a
+# second walk over each cluster's value rows, from L2; cluster_moments value_stats), so
+# one pass over v goes. "walk" is not yet timed on a GPU: "probe" stays the default until
+# it is (`benchmarks.breakdown --value-terms walk probe`). Read when a call is traced.
+VALUE_TERMS = "probe"
+VALUE_TERMS_CHOICES = ("probe", "walk")
+
 # Options of the Mosaic GPU attention kernel beyond its defaults (chunk_rows,
 # split_producers, overlap_softmax, ...: pallas_kernels.sparse_attention_mgpu), for
 # timing variants of the whole call (`benchmarks/attention.py --mosaic-options`); read
@@ -62,6 +71,9 @@ class Clusters:
       compensation, else None.
     q_sq_means: [G, Kq, D] float32 mean of q*q of each query cluster with "variance"
       compensation (the EAR probe's second moment), else None.
+    value_terms: the EAR probe's per-token value terms (||v_p||^2, <vbar_j, v_p>) [G, N]
+      float32 in the key clustering's sorted order, from the value means' walk
+      (VALUE_TERMS = "walk"), else None (the probe computes them).
   """
 
   q: kmeans.KMeansResult
@@ -69,6 +81,7 @@ class Clusters:
   v_centroids: jax.Array
   k_spread: Optional[comp.KeySpread] = None
   q_sq_means: Optional[jax.Array] = None
+  value_terms: Optional[tuple] = None
 
 
 def _pallas():
@@ -234,14 +247,21 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   q_res, k_res = _kmeans_pair(q, k, cfg, impl, q_init, k_init, k_mask, groups, num_rows,
                               kmeans_update)
   pallas_sorted = impl == "pallas" and k_res.perm is not None
+  if VALUE_TERMS not in VALUE_TERMS_CHOICES:
+    raise ValueError(f"pipeline.VALUE_TERMS must be one of {VALUE_TERMS_CHOICES}, got "
+                     f"{VALUE_TERMS!r}")
+  terms = impl == "pallas" and cfg.routing == "ear" and VALUE_TERMS == "walk"
+  value_terms = None
   if cfg.compensation != "variance":
     if pallas_sorted:  # the value means by a walk of the key clusters' sorted order
       v_centroids = _pallas().cluster_means(v, k_res.sizes, k_res.perm, num_rows=n,
-                                            interpret=_interpret())
+                                            interpret=_interpret(), value_stats=terms)
+      if terms:
+        v_centroids, value_terms = v_centroids
     else:  # k_res.sizes already counts k_res.labels: only the value sums are new
       v_centroids, _ = kmeans.cluster_means(kmeans.heads_first(v, n), k_res.labels,
                                             cfg.num_k_clusters, counts=k_res.sizes)
-    return Clusters(q=q_res, k=k_res, v_centroids=v_centroids)
+    return Clusters(q=q_res, k=k_res, v_centroids=v_centroids, value_terms=value_terms)
   # "variance": the keys' spread with the value means, and the query clusters' mean of
   # q*q for the probe (benchmarks/results/quality_*_720p.md: it ranks 1-7% better than
   # the query centroid's)
@@ -249,9 +269,10 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     # walks the cluster-sorted order (the layouts `route` and `attend` use too): no
     # atomics, where XLA's scatter-adds contend on a few hundred clusters
     k_lay, q_lay = layout(k_res), layout(q_res)
-    variance, radius, v_centroids = _pallas().cluster_moments(
+    variance, radius, v_centroids, *rest = _pallas().cluster_moments(
         k, k_lay.sizes, k_lay.perm, centroids=k_res.centroids, values=v, num_rows=n,
-        interpret=_interpret())
+        interpret=_interpret(), value_stats=terms)
+    value_terms = rest[0] if terms else None
     spread = comp.KeySpread(variance=variance, radius=radius)
     q_sq_means, _, _ = _pallas().cluster_moments(q, q_lay.sizes, q_lay.perm, num_rows=n,
                                                  interpret=_interpret())
@@ -262,7 +283,7 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
     q_sq_means, _ = kmeans.cluster_means(qf * qf, q_res.labels, cfg.num_q_clusters,
                                          counts=q_res.sizes)
   return Clusters(q=q_res, k=k_res, v_centroids=v_centroids, k_spread=spread,
-                  q_sq_means=q_sq_means)
+                  q_sq_means=q_sq_means, value_terms=value_terms)
 
 
 def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: SvgEarConfig,
@@ -295,7 +316,8 @@ def route(q: jax.Array, k: jax.Array, v: jax.Array, clusters: Clusters, cfg: Svg
       log_err = _pallas().ear_error_probe(
           clusters.q.centroids, k, v, clusters.k.centroids, clusters.v_centroids,
           clusters.k.sizes, sm_scale=scale, kv_index=lay.perm, pseudo_logits=pseudo,
-          num_rows=_rows(k, num_rows), interpret=_interpret(),
+          num_rows=_rows(k, num_rows), value_terms=clusters.value_terms,
+          interpret=_interpret(),
           **({"block_qc": 16, "block_k": 16} if _interpret() else {}))
     else:
       (k, v), _ = stage_inputs(impl, num_rows, k, v)

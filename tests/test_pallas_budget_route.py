@@ -148,3 +148,38 @@ def test_pipeline_route_fills_agree(routing_name, density, monkeypatch):
   monkeypatch.setattr(pipeline, "ROUTE_FILL", "bisect")
   with pytest.raises(ValueError, match="ROUTE_FILL"):
     svg_ear_attention(q, k, v, cfg)
+
+
+@pytest.mark.parametrize("compensation", ["mean", "variance"])
+def test_pipeline_value_terms_agree(compensation, monkeypatch):
+  """pipeline.VALUE_TERMS: the EAR probe's value terms from the value means' walk ("walk")
+  or from the probe's own pass ("probe") give one block map, and so one output; a bad value
+  is an error."""
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  q, k, v = (jax.random.normal(x, (1, 160, 2, 16)) for x in ks)
+  cfg = SvgEarConfig(routing="ear", density=0.3, num_q_clusters=5, num_k_clusters=12,
+                     kmeans_iters=3, implementation="pallas", compensation=compensation)
+  out, maps = {}, {}
+  for terms in pipeline.VALUE_TERMS_CHOICES:
+    monkeypatch.setattr(pipeline, "VALUE_TERMS", terms)
+    clusters = pipeline.cluster(q, k, v, cfg, "pallas")
+    assert (clusters.value_terms is not None) == (terms == "walk")
+    maps[terms] = np.asarray(pipeline.route(q, k, v, clusters, cfg, "pallas"))
+    out[terms] = np.asarray(svg_ear_attention(q, k, v, cfg))
+  np.testing.assert_array_equal(maps["walk"], maps["probe"])
+  assert 0 < maps["walk"].mean() < 1
+  np.testing.assert_allclose(out["walk"], out["probe"], rtol=1e-6, atol=1e-6)
+  # trailing dense tokens and masked keys (positions past the clusters: never walked)
+  mask = jnp.ones((1, 160), bool).at[0, 140:150].set(False)
+  dense = {}
+  for terms in pipeline.VALUE_TERMS_CHOICES:
+    monkeypatch.setattr(pipeline, "VALUE_TERMS", terms)
+    dense[terms] = svg_ear_attention(q, k, v, cfg, num_dense_tokens=10, key_mask=mask,
+                                     return_aux=True)
+  np.testing.assert_allclose(np.asarray(dense["walk"][0]), np.asarray(dense["probe"][0]),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(dense["walk"][1].density),
+                                np.asarray(dense["probe"][1].density))
+  monkeypatch.setattr(pipeline, "VALUE_TERMS", "xla")
+  with pytest.raises(ValueError, match="VALUE_TERMS"):
+    svg_ear_attention(q, k, v, cfg)

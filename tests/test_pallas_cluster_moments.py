@@ -9,6 +9,7 @@ import pytest
 from pallas_kernels import (cluster_means, cluster_means_reference, cluster_moments,
                             cluster_moments_reference)
 from pallas_testing import CompiledOrInterpret
+from pallas_kernels import error_probe
 from svg_ear_jax import compensation, kmeans
 from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
 
@@ -134,6 +135,44 @@ class KernelTest(CompiledOrInterpret):
                                   np.asarray(means))
 
 
+  @pytest.mark.parametrize("tokens_first,dtype", [(False, jnp.float32), (True, jnp.bfloat16)])
+  def test_value_stats_are_the_probes_value_terms(self, tokens_first, dtype):
+    # the EAR probe's per-token terms from the value means' walk equal its own XLA pass
+    # (error_probe.value_stats) at every sorted position of a cluster, 0 past the last
+    # one (sizes sum to < N), tokens-first rows read to their first n (junk after them)
+    rng = np.random.default_rng(31)
+    b, h, n, extra, d, k = 2, 2, 233, 7, 24, 20
+    g = b * h
+    sizes = _sizes(rng, g, n, k)
+    index = jnp.asarray(np.stack([rng.permutation(n) for _ in range(g)]), jnp.int32)
+    x, v = (jnp.asarray(rng.normal(size=(g, n, d)) + 0.5, jnp.float32).astype(dtype)
+            for _ in range(2))
+    c = jnp.asarray(rng.normal(size=(g, k, d)) * 0.3 + 0.5, jnp.float32)
+    if tokens_first:
+      junk = jnp.full((g, extra, d), jnp.nan, dtype)
+      x, v = (jnp.concatenate([a, junk], 1).reshape(b, h, n + extra, d).transpose(0, 2, 1, 3)
+              for a in (x, v))
+    kw = dict(num_rows=n, block_rows=16, interpret=self.INTERPRET)
+    means, (vsq, cross) = cluster_means(v, sizes, index, value_stats=True, **kw)
+    np.testing.assert_array_equal(np.asarray(means),
+                                  np.asarray(cluster_means(v, sizes, index, **kw)))
+    want = error_probe.value_stats(v, sizes, means, index, n)
+    covered = np.arange(n)[None] < np.asarray(sizes).sum(1, keepdims=True)
+    for got, ref in zip((vsq, cross), want):
+      assert got.shape == (g, n) and got.dtype == jnp.float32
+      np.testing.assert_allclose(np.asarray(got)[covered], np.asarray(ref)[covered],
+                                 rtol=1e-5, atol=1e-5)
+      assert np.all(np.asarray(got)[~covered] == 0)
+    *moments, terms = cluster_moments(x, sizes, index, centroids=c, values=v,
+                                      value_stats=True, **kw)
+    _assert_close(moments, cluster_moments(x, sizes, index, centroids=c, values=v, **kw),
+                  rtol=0, atol=0)
+    for a, b_ in zip(terms, (vsq, cross)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+    with pytest.raises(ValueError, match="value_stats needs values"):
+      cluster_moments(x, sizes, index, value_stats=True, **kw)
+
+
 class KernelInterpretTest(KernelTest):
   INTERPRET = True
 
@@ -235,3 +274,5 @@ def test_tokens_first_forms_lower_to_one_triton_kernel(dtype, d):
   moments = lambda x, sizes, index, c, v: cluster_moments(x, sizes, index, centroids=c,
                                                           values=v, num_rows=n)
   assert _lower_for_cuda(moments, x, sizes, index, c, x) == 1
+  stats = lambda x, sizes, index: cluster_means(x, sizes, index, num_rows=n, value_stats=True)
+  assert _lower_for_cuda(stats, x, sizes, index) == 1

@@ -9,6 +9,7 @@ import pytest
 
 from pallas_kernels import (ear_error_probe, ear_error_probe_reference, kmeans_assign,
                             kmeans_assign_reference)
+from pallas_kernels import error_probe
 from pallas_testing import CompiledOrInterpret
 from test_pallas_kernels import _lower_for_cuda, abstract_h100  # noqa: F401
 
@@ -70,6 +71,22 @@ class KernelTest(CompiledOrInterpret):
     want = ear_error_probe(qc, k, v, kc, vc, sizes, **kw)
     got = ear_error_probe(qc, unsort(k), unsort(v), kc, vc, sizes, kv_index=perm, **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+  def test_probe_takes_precomputed_value_terms(self):
+    # value_terms = error_probe.value_stats (what the value means' walk also writes): the
+    # same errors as the probe's own pass; wrong shapes are an error
+    qc, k, v, kc, vc, sizes = _probe_problem(2)
+    kw = dict(sm_scale=0.3, block_qc=16, block_k=16, interpret=self.INTERPRET)
+    terms = error_probe.value_stats(v, sizes, vc)
+    want = ear_error_probe(qc, k, v, kc, vc, sizes, **kw)
+    got = ear_error_probe(qc, k, v, kc, vc, sizes, value_terms=terms, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the terms are all the probe reads of v
+    got = ear_error_probe(qc, k, jnp.full_like(v, jnp.nan), kc, vc, sizes,
+                          value_terms=terms, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="value_terms"):
+      ear_error_probe(qc, k, v, kc, vc, sizes, value_terms=(terms[0][:, 1:], terms[1]), **kw)
 
   @pytest.mark.parametrize("splits", [3, 7, 64])  # ragged ranges; more splits than clusters
   def test_probe_cluster_splits_agree(self, splits):
