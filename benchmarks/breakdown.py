@@ -16,7 +16,8 @@ kernels (cuBLAS, cub).
 in one run (pipeline.KMEANS_UPDATE; stage names get the mode appended); --route-fill kernel
 sort both budgeted selections of its routing (pipeline.ROUTE_FILL) the same way,
 --value-terms walk probe both sources of the EAR probe's per-token value terms
-(pipeline.VALUE_TERMS).
+(pipeline.VALUE_TERMS), --sort-keys int32 narrow both key types of the label argsorts
+(permutation.LABEL_SORT_KEYS).
 --layout head-major feeds the cluster and route stages head-major [B*H, S, D] copies, as
 before the kernels read tokens-first inputs in place, and adds a "layout" stage timing
 those copies (the
@@ -43,8 +44,8 @@ import jax.numpy as jnp
 
 from benchmarks import attention as attention_bench
 from benchmarks import workloads
-from svg_ear_jax import (SvgEarConfig, kmeans, pipeline, resolve_implementation,
-                         svg_ear_attention)
+from svg_ear_jax import (SvgEarConfig, kmeans, permutation, pipeline,
+                         resolve_implementation, svg_ear_attention)
 
 
 def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
@@ -66,18 +67,21 @@ def kernel_times(fn, *args, warmup: int = 2, iterations: int = 3):
 
 @contextlib.contextmanager
 def pipeline_modes(mode: str, route_fill: Optional[str] = None,
-                   value_terms: Optional[str] = None):
-  """pipeline.KMEANS_UPDATE = mode, pipeline.ROUTE_FILL = route_fill and
-  pipeline.VALUE_TERMS = value_terms (None: as they are) while the calls made inside are
-  traced."""
-  before = pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS
+                   value_terms: Optional[str] = None, sort_keys: Optional[str] = None):
+  """pipeline.KMEANS_UPDATE = mode, pipeline.ROUTE_FILL = route_fill, pipeline.VALUE_TERMS =
+  value_terms and permutation.LABEL_SORT_KEYS = sort_keys (None: as they are) while the
+  calls made inside are traced."""
+  before = (pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS,
+            permutation.LABEL_SORT_KEYS)
   pipeline.KMEANS_UPDATE = mode
   pipeline.ROUTE_FILL = before[1] if route_fill is None else route_fill
   pipeline.VALUE_TERMS = before[2] if value_terms is None else value_terms
+  permutation.LABEL_SORT_KEYS = before[3] if sort_keys is None else sort_keys
   try:
     yield
   finally:
-    pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS = before
+    (pipeline.KMEANS_UPDATE, pipeline.ROUTE_FILL, pipeline.VALUE_TERMS,
+     permutation.LABEL_SORT_KEYS) = before
 
 
 def _heads_first(x, num_rows):
@@ -172,6 +176,9 @@ def main(argv=None):
                       choices=list(pipeline.VALUE_TERMS_CHOICES),
                       help="where the EAR probe's per-token value terms come from "
                            "(pipeline.VALUE_TERMS)")
+  parser.add_argument("--sort-keys", nargs="+", default=[permutation.LABEL_SORT_KEYS],
+                      choices=list(permutation.LABEL_SORT_KEYS_CHOICES),
+                      help="key type(s) of the label argsorts (permutation.LABEL_SORT_KEYS)")
   parser.add_argument("--layout", nargs="+", default=["tokens-first"],
                       choices=["tokens-first", "head-major"],
                       help="what the cluster / route stages read (see the module docstring)")
@@ -192,16 +199,17 @@ def main(argv=None):
                      routing=args.routing, density=args.density,
                      compensation=args.compensation)
   runs = list(itertools.product(args.kmeans_update, args.route_fill, args.value_terms,
-                                args.layout))
+                                args.sort_keys, args.layout))
   stages = []
-  for update, fill, terms, layout in runs:
-    tag = "" if len(runs) == 1 else f" [{update}, fill {fill}, terms {terms}, {layout}]"
-    with pipeline_modes(update, fill, terms):
+  for update, fill, terms, keys, layout in runs:
+    tag = ("" if len(runs) == 1
+           else f" [{update}, fill {fill}, terms {terms}, keys {keys}, {layout}]")
+    with pipeline_modes(update, fill, terms, keys):
       for name, fn, fargs in stage_calls(q, k, v, cfg, num_dense=args.dense_tokens,
                                          layout=layout, update=update):
         times = kernel_times(fn, *fargs)
         stages.append(dict(stage=name + tag, kmeans_update=update, route_fill=fill,
-                           value_terms=terms, layout=layout,
+                           value_terms=terms, sort_keys=keys, layout=layout,
                            launches=sum(n for n, _ in times.values()),
                            total_ms=sum(ms for _, ms in times.values()),
                            kernels=[(kname, n, ms) for kname, (n, ms) in times.items()]))

@@ -415,3 +415,17 @@ def test_appended_dense_tokens_keep_the_sorted_order(masked):
     got = pipeline.layout(res)
     for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_narrow_label_sort_keys_give_the_same_call(impl, monkeypatch):
+  # permutation.LABEL_SORT_KEYS: every label argsort of the call (k-means updates, layouts)
+  # with uint16 keys gives the int32 keys' orders, so the same output bit for bit
+  from svg_ear_jax import permutation
+  q, k, v = _qkv(15, s=192)
+  cfg = SvgEarConfig(implementation=impl, routing="ear", density=0.3, **SMALL)
+  out = {}
+  for keys in permutation.LABEL_SORT_KEYS_CHOICES:
+    monkeypatch.setattr(permutation, "LABEL_SORT_KEYS", keys)
+    out[keys] = np.asarray(svg_ear_attention(q, k, v, cfg))
+  np.testing.assert_array_equal(out["narrow"], out["int32"])

@@ -256,6 +256,27 @@ def test_sort_by_label_counts_without_scatter():
   np.testing.assert_array_equal(np.asarray(given.perm), np.asarray(ref.perm))
 
 
+@pytest.mark.parametrize("num_labels", [8, 1001, 1 << 16, (1 << 16) + 1])
+def test_narrow_label_sort_keys_give_the_same_order(num_labels, monkeypatch):
+  # permutation.LABEL_SORT_KEYS = "narrow" (uint16 keys where the labels fit) is the same
+  # stable order as the int32 sort, ties in token order; past 65,536 labels the int32 keys
+  rng = np.random.default_rng(num_labels)
+  labels = jnp.asarray(rng.integers(0, num_labels, size=(3, 700)), jnp.int32)
+  labels = labels.at[:, 100:160].set(num_labels - 1)  # many ties at the largest label
+  want = np.argsort(np.asarray(labels), axis=-1, kind="stable")
+  for keys in permutation.LABEL_SORT_KEYS_CHOICES:
+    monkeypatch.setattr(permutation, "LABEL_SORT_KEYS", keys)
+    got = permutation.argsort_labels(labels, num_labels)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+    lay = permutation.sort_by_label(jnp.minimum(labels, 7), 7)
+    np.testing.assert_array_equal(np.asarray(lay.perm), np.argsort(
+        np.minimum(np.asarray(labels), 7), axis=-1, kind="stable"))
+  monkeypatch.setattr(permutation, "LABEL_SORT_KEYS", "int16")
+  with pytest.raises(ValueError, match="LABEL_SORT_KEYS"):
+    permutation.argsort_labels(labels, num_labels)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(update="scatter"), "update must be"),
     (dict(num_points=401), "num_points"),
