@@ -13,6 +13,8 @@ video-like workload of benchmarks/workloads.py (seed 0) in bf16.
 Reproduce every row of benchmarks/results/attention_h100.json on one H100:
   python -m benchmarks.attention --shapes wan22_720p wan22_480p hunyuan_720p \
       --densities 0.15 0.25 0.35 ref --routings ear --out benchmarks/results/attention_h100
+More shapes per device call: --no-stages times the whole call only (no per-stage programs,
+no kernel alone; those columns NaN / "-").
 Quick check on CPU (interpret-mode kernels are far too slow there; use xla):
   python -m benchmarks.attention --shapes tiny --implementation xla --out /tmp/attn_tiny
 """
@@ -96,7 +98,7 @@ def pipeline_stages(q, k, v, cfg, state):
 
 
 def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, impl, iters,
-                 attention_kernel="auto", compensation="mean"):
+                 attention_kernel="auto", compensation="mean", stages=True):
   cfg = SvgEarConfig(num_q_clusters=shape.num_q_clusters, num_k_clusters=shape.num_k_clusters,
                      routing=routing, density=density, implementation=impl,
                      attention_kernel=attention_kernel, compensation=compensation)
@@ -111,18 +113,21 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
   dens = float(aux.density.mean())
 
   pipeline_impl = resolve_implementation(cfg)
-  stages = pipeline_stages(q, k, v, cfg, state)
   _, s, _, d = q.shape
   g = q.shape[0] * q.shape[2]
-  stage_ms = {name: timing.measure_ms(fn, *args, iterations=iters)[0]
-              for name, (fn, args) in stages.items() if name != "layout"}
-  kmeans_ms, route_ms, attend_ms = stage_ms["cluster"], stage_ms["route"], stage_ms["attend"]
-  kernel_ms = float("nan")
-  if pipeline_impl == "pallas":
-    _, (_, _, _, clusters, block_map) = stages["attend"]
-    kernel_ms = time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters)
+  nan = float("nan")
+  kmeans_ms = route_ms = attend_ms = kernel_ms = nan
+  if stages:  # each stage compiled and timed on its own, then the sparse kernel alone
+    calls = pipeline_stages(q, k, v, cfg, state)
+    stage_ms = {name: timing.measure_ms(fn, *args, iterations=iters)[0]
+                for name, (fn, args) in calls.items() if name != "layout"}
+    kmeans_ms, route_ms, attend_ms = (stage_ms["cluster"], stage_ms["route"],
+                                      stage_ms["attend"])
+    if pipeline_impl == "pallas":
+      _, (_, _, _, clusters, block_map) = calls["attend"]
+      kernel_ms = time_sparse_kernel(q, k, v, clusters, block_map, cfg, iters)
   useful_flops = 4.0 * d * dens * s * s * g
-  t_kernel = kernel_ms if np.isfinite(kernel_ms) else attend_ms
+  t_kernel = kernel_ms if np.isfinite(kernel_ms) else attend_ms  # NaN without stages
   peak = timing.compiled_memory_gb(call, q, k, v, state=state)
   return dict(
       name=name, device=jax.devices()[0].device_kind, jax_version=jax.__version__,
@@ -142,6 +147,11 @@ def bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density, im
       peak_mem_gb=peak, timing=method, kmeans_iters_warm=cfg.kmeans_iters_warm)
 
 
+def _num(x, digits):
+  """x with `digits` decimals, "-" for NaN (stages not timed: --no-stages)."""
+  return "-" if not np.isfinite(x) else f"{x:.{digits}f}"
+
+
 def markdown(rows):
   head = ("| shape | S | H | routing | comp. | budget | density | dense cuDNN ms | SVG-EAR ms |"
           " speedup | k-means ms | routing ms | attention ms | kernel TFLOP/s | rel. err |"
@@ -153,8 +163,9 @@ def markdown(rows):
         f"| {r['name']} | {r['seq_len']} | {r['heads']} | {r['routing']} | "
         f"{r.get('compensation', 'mean')} | {budget} | "
         f"{r['density']:.3f} | {r['dense_ms']:.1f} | {r['svg_ear_ms']:.1f} | "
-        f"{r['speedup_vs_cudnn']:.2f}x | {r['kmeans_ms']:.1f} | {r['routing_ms']:.1f} | "
-        f"{r['attention_ms']:.1f} | {r['sparse_tflops']:.0f} | {r['rel_err']:.4f} | "
+        f"{r['speedup_vs_cudnn']:.2f}x | {_num(r['kmeans_ms'], 1)} | "
+        f"{_num(r['routing_ms'], 1)} | {_num(r['attention_ms'], 1)} | "
+        f"{_num(r['sparse_tflops'], 0)} | {r['rel_err']:.4f} | "
         f"{r['peak_mem_gb']:.2f} | {r['peak_mem_gb'] / r.get('dense_mem_gb', float('nan')):.2f}x |")
   return "\n".join(lines)
 
@@ -192,6 +203,9 @@ def main(argv=None):
   parser.add_argument("--mosaic-options", default="",
                       help="Mosaic kernel options for the whole run, e.g. "
                            "'chunk_rows=8,split_producers=1' (pipeline.MOSAIC_OPTIONS)")
+  parser.add_argument("--no-stages", dest="stages", action="store_false",
+                      help="time the whole call only (no per-stage programs, no kernel alone: "
+                           "about half the compiles; those columns are NaN)")
   parser.add_argument("--iters", type=int, default=5, help="timed repetitions (median)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=os.path.join("benchmarks", "results", "attention"),
@@ -228,7 +242,7 @@ def main(argv=None):
         for compensation in args.compensations:
           row = bench_config(name, shape, q, k, v, dense_out, dense_ms, routing, density,
                              args.implementation, args.iters, args.attention_kernel,
-                             compensation)
+                             compensation, stages=args.stages)
           row["dense_mem_gb"] = dense_mem
           row["mosaic_options"] = dict(pipeline.MOSAIC_OPTIONS)
           rows.append(row)

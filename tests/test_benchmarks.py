@@ -119,6 +119,23 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
   assert all(x["max_diff_vs_one_call"] < 1e-5 and x["mem_gb"] > 0 for x in calls)
 
 
+def test_attention_benchmark_smoke(tmp_path):
+  # benchmarks/attention.py on the tiny shape with the XLA path: rows with and without
+  # the per-stage timings (--no-stages: NaN there, "-" in the table), written after each
+  from benchmarks import attention
+  for extra in ([], ["--no-stages"]):
+    stem = str(tmp_path / ("attn" + "".join(extra)))
+    assert attention.main(["--shapes", "tiny", "--implementation", "xla", "--iters", "1",
+                           "--compensations", "mean", "variance", "--out", stem] + extra) == 0
+    rows = json.loads(open(stem + ".json").read())
+    assert [r["compensation"] for r in rows] == ["mean", "variance"]
+    assert all(0 < r["rel_err"] < 0.5 and r["peak_mem_gb"] > 0 for r in rows)
+    staged = [np.isfinite(r["kmeans_ms"]) and np.isfinite(r["attention_ms"]) for r in rows]
+    assert staged == [not extra] * 2
+    table = open(stem + ".md").read()
+    assert table.count("| tiny |") == 2 and (" - |" in table) == bool(extra)
+
+
 def test_breakdown_needs_a_gpu_and_formats_stages(capsys):
   from benchmarks import breakdown
   if jax.default_backend() != "gpu":
