@@ -254,10 +254,9 @@ def cluster(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SvgEarConfig, impl: s
   value_terms = None
   if cfg.compensation != "variance":
     if pallas_sorted:  # the value means by a walk of the key clusters' sorted order
-      v_centroids = _pallas().cluster_means(v, k_res.sizes, k_res.perm, num_rows=n,
-                                            interpret=_interpret(), value_stats=terms)
-      if terms:
-        v_centroids, value_terms = v_centroids
+      means = _pallas().cluster_means(v, k_res.sizes, k_res.perm, num_rows=n,
+                                      interpret=_interpret(), value_stats=terms)
+      v_centroids, value_terms = means if terms else (means, None)
     else:  # k_res.sizes already counts k_res.labels: only the value sums are new
       v_centroids, _ = kmeans.cluster_means(kmeans.heads_first(v, n), k_res.labels,
                                             cfg.num_k_clusters, counts=k_res.sizes)
